@@ -1,0 +1,159 @@
+"""The one entry point through which every weight contraction of the model passes.
+
+`Dense` and `Conv` are the only layers in `usmqs.models` that own a weight matrix. Each
+resolves its compression spec from the policy once, at construction, by its module path
+(e.g. ``encoder/blocks/ffn1/w_in``), and on every call computes
+
+    W_eff = fake_quant(mask ⊙ W)          (prune first, then quantize what remains)
+
+through `compressed_weight`, with straight-through gradients. A layer whose spec is None
+uses W as is, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from usmqs.compress import ops
+from usmqs.compress.policy import Policy, WeightSpec
+
+
+class SparsityMask(nnx.Variable):
+    """N:M keep-mask of a weight (1 = kept): its own non-trainable variable kind.
+
+    Never a Param (so never in the optimizer state) and never in BatchStat.
+    """
+
+
+def _resolve(policy: Policy | None, path: str) -> WeightSpec | None:
+    return None if policy is None else policy.resolve(path)
+
+
+class _Compressible(nnx.Module):
+    """Shared part of Dense/Conv: the kernel, the optional mask, the compressed view."""
+
+    spec: WeightSpec | None
+    contract_axes: tuple[int, ...]
+
+    def _init_kernel(self, shape, axes, init, param_dtype, rngs, path, policy, contract_axes):
+        self.path = path
+        self.contract_axes = tuple(contract_axes)
+        self.spec = _resolve(policy, path)
+        self.kernel = nnx.Param(
+            init(rngs.params(), shape, param_dtype), out_sharding=tuple(axes), eager_sharding=False
+        )
+        if self.spec is not None and self.spec.nm is not None:
+            self.mask = SparsityMask(jnp.ones(shape, jnp.bool_), out_sharding=tuple(axes), eager_sharding=False)
+        else:
+            self.mask = None
+
+    def effective_kernel(self) -> jax.Array:
+        """The weight as served: mask, then fake-quant (STE); W itself when float."""
+        mask = None if self.mask is None else self.mask[...]
+        return ops.compressed_weight(
+            self.kernel[...], mask, self.spec, contract_axes=self.contract_axes
+        )
+
+
+class Dense(_Compressible):
+    """y = x W + b over the last axis of x.
+
+    Shapes: x [..., in], W [in, *out], y [..., *out]; `out` may be a tuple (e.g. heads,
+    head_dim) so attention projections keep their logical axes.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int | Sequence[int],
+        *,
+        path: str,
+        policy: Policy | None,
+        kernel_axes: Sequence[str | None],
+        use_bias: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.lecun_normal(),
+        rngs: nnx.Rngs,
+    ):
+        out = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        self.in_features, self.out_features = in_features, out
+        self.dtype = dtype
+        self._init_kernel(
+            (in_features, *out), kernel_axes, kernel_init, param_dtype, rngs, path, policy, (0,)
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros(out, param_dtype), out_sharding=tuple(kernel_axes[1:]), eager_sharding=False)
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.effective_kernel()
+        dtype = self.dtype or x.dtype
+        y = jax.lax.dot_general(
+            x.astype(dtype), w.astype(dtype), (((x.ndim - 1,), (0,)), ((), ()))
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class Conv(_Compressible):
+    """N-d convolution, channels last: x [B, *spatial, C_in] -> y [B, *spatial', C_out].
+
+    Kernel [*window, C_in / groups, C_out]; `feature_group_count=C_in` is a depthwise
+    convolution. Contraction axes of the kernel are the window and input-channel axes.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Sequence[int],
+        *,
+        path: str,
+        policy: Policy | None,
+        kernel_axes: Sequence[str | None],
+        strides: Sequence[int] | None = None,
+        padding: str | Sequence[tuple[int, int]] = "SAME",
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.lecun_normal(),
+        rngs: nnx.Rngs,
+    ):
+        ks = tuple(kernel_size)
+        self.strides = tuple(strides) if strides is not None else (1,) * len(ks)
+        self.padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+        self.feature_group_count = feature_group_count
+        self.dtype = dtype
+        shape = (*ks, in_features // feature_group_count, out_features)
+        self._init_kernel(
+            shape, kernel_axes, kernel_init, param_dtype, rngs, path, policy,
+            tuple(range(len(ks) + 1)),
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(kernel_axes[-1],), eager_sharding=False)
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.effective_kernel()
+        dtype = self.dtype or x.dtype
+        nd = w.ndim - 2
+        spatial = "".join("HWD"[:nd]) if nd > 1 else "H"
+        dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+        y = jax.lax.conv_general_dilated(
+            x.astype(dtype), w.astype(dtype), self.strides, self.padding,
+            dimension_numbers=dn, feature_group_count=self.feature_group_count,
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
