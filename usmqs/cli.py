@@ -1,0 +1,123 @@
+"""Command line: argument parsing only; the work lives in the library modules."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _config(args, overrides):
+    from usmqs import config as config_lib
+
+    cfg = config_lib.load_config(args.config)
+    config_lib.apply_overrides(cfg, overrides)
+    return cfg
+
+
+def cmd_synth(args, overrides):
+    from usmqs.data import synth
+
+    kw = {"seed": args.seed}
+    if args.num_train:
+        kw["num_train"] = args.num_train
+    if args.num_test:
+        kw["num_test"] = args.num_test
+    paths = synth.synthesize_corpus(args.out, **kw)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+
+
+def cmd_import_librispeech(args, overrides):
+    from usmqs.data import librispeech
+
+    for split, path in librispeech.import_librispeech(args.src, args.out).items():
+        print(f"{split}: {path}")
+
+
+def cmd_train(args, overrides):
+    import json
+    import pathlib
+
+    from usmqs import train
+
+    cfg = _config(args, overrides)
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    # How to rebuild this config later (evaluate/export without --config).
+    (workdir / "run_config.txt").write_text(json.dumps([args.config, overrides]))
+    train.train_and_evaluate(cfg, args.workdir)
+
+
+def _workdir_config(args, overrides):
+    """--config if given, else the config the run in WORKDIR was trained with."""
+    import json
+    import pathlib
+
+    from usmqs import config as config_lib
+
+    if args.config:
+        return _config(args, overrides)
+    saved = pathlib.Path(args.workdir) / "run_config.txt"
+    if not saved.exists():
+        raise SystemExit(f"{args.workdir}: no run_config.txt; pass --config")
+    spec, saved_overrides = json.loads(saved.read_text())
+    cfg = config_lib.load_config(spec)
+    config_lib.apply_overrides(cfg, saved_overrides + overrides)
+    return cfg
+
+
+def cmd_evaluate(args, overrides):
+    from usmqs import evaluate
+
+    cfg = _workdir_config(args, overrides)
+    if args.export:
+        from usmqs.compress import export
+
+        export.evaluate_export(cfg, args.workdir, manifest=args.manifest)
+    else:
+        evaluate.evaluate_workdir(cfg, args.workdir, manifest=args.manifest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from usmqs import config as config_lib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, overrides = config_lib.split_overrides(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    p = argparse.ArgumentParser(prog="usmqs", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="synthesize the embedded speech corpus")
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-train", type=int, default=0)
+    s.add_argument("--num-test", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("import-librispeech", help="openslr LibriSpeech tree -> manifests")
+    s.add_argument("src")
+    s.add_argument("out")
+    s.set_defaults(fn=cmd_import_librispeech)
+
+    s = sub.add_parser("train", help="train (resumes from WORKDIR)")
+    s.add_argument("--config", required=True, help="configs/x.py[:arg]")
+    s.add_argument("--workdir", required=True)
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("evaluate", help="decode + score the eval manifest")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--config", default="", help="default: the run's own config")
+    s.add_argument("--manifest", default=None)
+    s.add_argument("--export", action="store_true", help="decode from the packed export")
+    s.set_defaults(fn=cmd_evaluate)
+
+    args = p.parse_args(argv)
+    args.fn(args, overrides)
+
+
+if __name__ == "__main__":
+    main()

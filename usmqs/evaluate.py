@@ -1,0 +1,204 @@
+"""CTC decoders as free functions returning typed results, and WER/CER scoring.
+
+Both decoders take one utterance's log-probabilities `[T, V]` (blank id 0) restricted to
+its valid frames, and return token ids with blanks and repeats removed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+
+import jiwer
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Hypothesis:
+    """A decoded token sequence and its log-probability under the CTC model."""
+
+    tokens: tuple[int, ...]
+    score: float
+
+
+def ctc_greedy_search(log_probs: np.ndarray, blank_id: int = 0) -> Hypothesis:
+    """Best path: argmax per frame, merge repeats, drop blanks. log_probs [T, V]."""
+    best = np.argmax(log_probs, axis=-1)
+    score = float(np.sum(np.max(log_probs, axis=-1)))
+    tokens, prev = [], blank_id
+    for t in best.tolist():
+        if t != prev and t != blank_id:
+            tokens.append(t)
+        prev = t
+    return Hypothesis(tuple(tokens), score)
+
+
+def _logaddexp(a: float, b: float) -> float:
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    m = max(a, b)
+    return m + math.log1p(math.exp(-abs(a - b)))
+
+
+def ctc_prefix_beam_search(
+    log_probs: np.ndarray,
+    beam_size: int = 8,
+    blank_id: int = 0,
+    token_prune: float = -12.0,
+) -> list[Hypothesis]:
+    """CTC prefix beam search (Hannun et al. 2014), no language model.
+
+    Each prefix keeps two log-scores: ending in blank (p_b) and ending in its last token
+    (p_nb); a repeated token only extends the prefix when separated by a blank. Tokens
+    with frame log-prob below `token_prune` are not expanded (the blank always is), which
+    keeps the search linear in T on peaky CTC posteriors. Returns up to `beam_size`
+    hypotheses, best first.
+    """
+    neg_inf = -math.inf
+    beams: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, neg_inf)}
+    for frame in log_probs:
+        candidates = np.nonzero(frame >= token_prune)[0].tolist()
+        if blank_id not in candidates:
+            candidates.append(blank_id)
+        nxt: dict[tuple[int, ...], list[float]] = collections.defaultdict(
+            lambda: [neg_inf, neg_inf]
+        )
+        for prefix, (p_b, p_nb) in beams.items():
+            p_total = _logaddexp(p_b, p_nb)
+            last = prefix[-1] if prefix else None
+            for tok in candidates:
+                lp = float(frame[tok])
+                if tok == blank_id:
+                    entry = nxt[prefix]
+                    entry[0] = _logaddexp(entry[0], p_total + lp)
+                elif tok == last:
+                    # Repeat without blank collapses into the same prefix ...
+                    entry = nxt[prefix]
+                    entry[1] = _logaddexp(entry[1], p_nb + lp)
+                    # ... and with a blank in between it extends the prefix.
+                    ext = nxt[prefix + (tok,)]
+                    ext[1] = _logaddexp(ext[1], p_b + lp)
+                else:
+                    ext = nxt[prefix + (tok,)]
+                    ext[1] = _logaddexp(ext[1], p_total + lp)
+        ranked = sorted(nxt.items(), key=lambda kv: _logaddexp(*kv[1]), reverse=True)
+        beams = {k: (v[0], v[1]) for k, v in ranked[:beam_size]}
+    out = [Hypothesis(k, _logaddexp(*v)) for k, v in beams.items()]
+    return sorted(out, key=lambda h: h.score, reverse=True)
+
+
+def decode_batch(
+    log_probs: np.ndarray, out_mask: np.ndarray, *, decoder: str, beam_size: int = 8
+) -> list[tuple[int, ...]]:
+    """Decode every row of `log_probs [B, T, V]` over its valid frames `out_mask [B, T]`."""
+    results = []
+    for lp, m in zip(log_probs, out_mask):
+        lp = lp[: int(m.sum())]
+        if decoder == "greedy":
+            results.append(ctc_greedy_search(lp).tokens)
+        elif decoder == "beam":
+            results.append(ctc_prefix_beam_search(lp, beam_size=beam_size)[0].tokens)
+        else:
+            raise ValueError(f"eval.decoder must be 'greedy' or 'beam', got {decoder!r}")
+    return results
+
+
+def score(references: list[str], hypotheses: list[str]) -> dict:
+    """WER and CER (fractions) over a corpus with jiwer; texts already normalized."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    if not references:
+        raise ValueError("nothing to score: no utterances")
+    words = jiwer.process_words(references, hypotheses)
+    chars = jiwer.process_characters(references, hypotheses)
+    num_words = sum(len(r.split()) for r in references)
+    return {
+        "wer": float(words.wer),
+        "cer": float(chars.cer),
+        "num_utterances": len(references),
+        "num_words": num_words,
+        "substitutions": int(words.substitutions),
+        "deletions": int(words.deletions),
+        "insertions": int(words.insertions),
+    }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def write_results(workdir, metrics: dict, rows: list[dict], *, suffix: str = "") -> None:
+    """`eval{suffix}.json` and `predictions{suffix}.jsonl` (rows: audio_filepath, text, pred_text)."""
+    import json
+    import pathlib
+
+    workdir = pathlib.Path(workdir)
+    (workdir / f"eval{suffix}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(workdir / f"predictions{suffix}.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def run_decoding(log_prob_fn, split, data_cfg, tokenizer, eval_cfg) -> tuple[dict, list[dict]]:
+    """Decode every example of a prepared split with `log_prob_fn(features, mask)`."""
+    import numpy as np
+
+    from usmqs.data import pipeline
+
+    preds: dict[int, str] = {}
+    for batch in pipeline.eval_batches(split, data_cfg):
+        log_probs, out_mask = log_prob_fn(batch["features"], batch["feature_mask"])
+        log_probs, out_mask = np.asarray(log_probs), np.asarray(out_mask)
+        hyps = decode_batch(log_probs, out_mask, decoder=eval_cfg.decoder, beam_size=eval_cfg.beam_size)
+        for idx, toks in zip(batch["example_index"].tolist(), hyps):
+            if idx >= 0:
+                preds[idx] = tokenizer.decode(list(toks))
+    meta = split.metadata
+    rows = [
+        {"audio_filepath": m["audio_filepath"], "text": m["text"], "pred_text": preds[i]}
+        for i, m in enumerate(meta)
+    ]
+    metrics = score([r["text"] for r in rows], [r["pred_text"] for r in rows])
+    metrics["decoder"] = eval_cfg.decoder
+    metrics["skipped"] = dict(split.skipped)
+    return metrics, rows
+
+
+def evaluate_workdir(config, workdir, *, state=None, setup=None, manifest: str | None = None) -> dict:
+    """Decode the eval manifest with the run's latest checkpoint; write eval.json."""
+    import pathlib
+
+    import jax
+
+    from usmqs import train as train_lib
+    from usmqs.data import pipeline
+    from usmqs.data.tokenizer import Tokenizer
+
+    workdir = pathlib.Path(workdir)
+    tokenizer = Tokenizer.load(workdir / train_lib.TOKENIZER_FILE)
+    if manifest is None:
+        _, manifest = train_lib.resolve_manifests(config)
+    split = pipeline.prepare_split(
+        manifest, tokenizer, config.data, train_lib.cache_dir(config, workdir), train=False
+    )
+    if setup is None:
+        setup = train_lib.build(config, tokenizer.vocab_size)
+    if state is None:
+        mngr = train_lib.checkpoint_manager(workdir, config)
+        step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir}: no checkpoint to evaluate")
+        state, _ = train_lib.restore_state(mngr, step, setup)
+    eval_step = train_lib.make_eval_step(setup)
+    fn = lambda f, m: eval_step(state.params, state.rest, f, m)
+    metrics, rows = run_decoding(fn, split, config.data, tokenizer, config.eval)
+    metrics["step"] = int(jax.device_get(state.step))
+    write_results(workdir, metrics, rows)
+    print(
+        f"eval: WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
+        f"({metrics['num_utterances']} utterances, {metrics['num_words']} words)",
+        flush=True,
+    )
+    return metrics

@@ -1,0 +1,414 @@
+"""The training loop: `train_and_evaluate(config, workdir)`, usable from tests and notebooks.
+
+Reads top to bottom: data (synthesize or read manifests, tokenizer, prepared splits) ->
+model and optimizer state initialized from shapes straight into their shardings -> one
+jitted, donated `train_step` (mask schedule, CTC loss, AdamW) -> Orbax checkpoints with
+the data iterator position -> final evaluation. Rerunning with the same workdir resumes
+from the latest checkpoint (step, optimizer, RNG, data position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx, struct
+
+from usmqs import sharding as sharding_lib
+from usmqs.compress import masks as masks_lib
+from usmqs.compress.policy import Policy
+from usmqs.data import pipeline
+from usmqs.data.tokenizer import Tokenizer
+from usmqs.models import presets
+from usmqs.models.conformer import ConformerCTC
+
+log = logging.getLogger("usmqs.train")
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; donated to the step and checkpointed whole."""
+
+    step: jax.Array
+    params: nnx.State  # trainable weights (float masters)
+    rest: nnx.State  # non-trainable state: sparsity masks (never seen by the optimizer)
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key; per-step keys are fold_in(rng, step)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def resolve_manifests(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """The train/eval manifests: configured ones, else the embedded corpus (cached)."""
+    train_m, eval_m = config.data.train_manifest, config.data.eval_manifest
+    if train_m and eval_m:
+        return train_m, eval_m
+    if train_m or eval_m:
+        raise ValueError("set both data.train_manifest and data.eval_manifest, or neither")
+    from usmqs.data import synth  # optional extra: only imported when it is used
+
+    paths = synth.synthesize_corpus(
+        pathlib.Path(config.data.synth_dir).expanduser(),
+        num_train=config.data.synth_num_train,
+        num_test=config.data.synth_num_test,
+        seed=config.data.synth_seed,
+    )
+    return str(paths["train"]), str(paths["test"])
+
+
+def load_or_train_tokenizer(config, workdir: pathlib.Path, train_manifest: str) -> Tokenizer:
+    """The run's tokenizer: saved in the workdir (or copied from `init_from`)."""
+    path = workdir / TOKENIZER_FILE
+    if not path.exists() and config.init_from:
+        src = pathlib.Path(config.init_from) / TOKENIZER_FILE
+        if not src.exists():
+            raise FileNotFoundError(f"init_from={config.init_from}: no {TOKENIZER_FILE}")
+        shutil.copyfile(src, path)
+    if path.exists():
+        return Tokenizer.load(path)
+    from usmqs.data.manifest import read_manifest
+    from usmqs.data.text import normalize_text
+
+    rows, _ = read_manifest(train_manifest, on_error="skip")
+    texts = [t for t in (normalize_text(r.text) for r in rows) if t]
+    return Tokenizer.train(
+        texts,
+        str(path.with_suffix("")),
+        vocab_size=config.data.vocab_size,
+        model_type=config.data.tokenizer_type,
+    )
+
+
+def cache_dir(config, workdir: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(config.data.cache_dir).expanduser() if config.data.cache_dir else (
+        workdir / "data_cache"
+    )
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def make_policy(config) -> Policy:
+    if config.policy.rules:
+        return Policy.from_config([dict(r) for r in config.policy.rules])
+    return Policy.named(config.policy.name)
+
+
+def make_model(config, vocab_size: int, policy: Policy | None, rng) -> ConformerCTC:
+    return ConformerCTC(config.model, vocab_size, policy=policy, rngs=nnx.Rngs(params=rng))
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    t = config.train
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        decay_steps=max(t.num_steps, t.warmup_steps + 1),
+        end_value=t.learning_rate * t.end_lr_ratio,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(t.grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-9, weight_decay=t.weight_decay),
+    ), schedule
+
+
+@dataclasses.dataclass
+class Setup:
+    """The static pieces of a run, built once from the config."""
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: Any
+    mesh: jax.sharding.Mesh
+    state_shardings: Any
+    abstract_state: Any
+    policy: Policy | None
+
+
+def build(config, vocab_size: int, mesh=None) -> Setup:
+    """Shapes first, then shardings: nothing is allocated here."""
+    policy = make_policy(config)
+    tx, schedule = make_optimizer(config)
+    mesh = mesh if mesh is not None else sharding_lib.make_mesh(config.mesh)
+
+    def init(rng):
+        model = make_model(config, vocab_size, policy, rng)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            rest=rest,
+            opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(config.seed),
+        )
+
+    abstract_model = nnx.eval_shape(lambda: make_model(config, vocab_size, policy, jax.random.key(0)))
+    graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+    abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    logical = nnx.get_partition_spec(abstract_state)
+    shardings = sharding_lib.tree_shardings(abstract_state, logical, mesh, config.mesh.rules)
+    setup = Setup(graphdef, tx, schedule, mesh, shardings, abstract_state, policy)
+    setup.init_fn = jax.jit(init, out_shardings=shardings)
+    return setup
+
+
+def ctc_loss(logits, out_mask, labels, label_mask):
+    """Sum of per-utterance CTC losses / number of label tokens, and the utterance count.
+
+    logits [B, T', V] (blank 0), out_mask [B, T'], labels [B, L], label_mask [B, L].
+    Rows without labels (batch padding) contribute nothing.
+    """
+    per_seq = optax.ctc_loss(
+        logits.astype(jnp.float32),
+        1.0 - out_mask.astype(jnp.float32),
+        labels,
+        1.0 - label_mask.astype(jnp.float32),
+        blank_id=0,
+    )
+    num_labels = label_mask.sum(axis=-1)
+    valid = num_labels > 0
+    total = jnp.sum(jnp.where(valid, per_seq, 0.0))
+    return total / jnp.maximum(num_labels.sum(), 1), valid.sum()
+
+
+def make_train_step(setup: Setup, config):
+    graphdef, tx = setup.graphdef, setup.tx
+
+    def loss_fn(params, rest, batch, rng):
+        model = nnx.merge(graphdef, params, rest)
+        logits, out_mask = model(batch["features"], batch["feature_mask"], rng=rng)
+        loss, _ = ctc_loss(logits, out_mask, batch["labels"], batch["label_mask"])
+        return loss
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        model = nnx.merge(graphdef, state.params, state.rest)
+        masks_lib.update_masks(model, state.step)
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, rest, batch, rng)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A non-finite loss or gradient skips the update instead of poisoning the weights.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            rest=rest,
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": 1 - finite.astype(jnp.int32)}
+        return new_state, metrics
+
+    batch_sh = {
+        k: sharding_lib.batch_sharding(setup.mesh, nd, config.mesh.rules)
+        for k, nd in (("features", 3), ("feature_mask", 2), ("labels", 2), ("label_mask", 2))
+    }
+    return jax.jit(
+        train_step,
+        in_shardings=(setup.state_shardings, batch_sh),
+        out_shardings=(setup.state_shardings, None),
+        donate_argnums=(0,),
+    ), batch_sh
+
+
+def make_eval_step(setup: Setup):
+    graphdef = setup.graphdef
+
+    @jax.jit
+    def eval_step(params, rest, features, feature_mask):
+        model = nnx.merge(graphdef, params, rest)
+        logits, out_mask = model(features, feature_mask, rng=None)
+        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), out_mask
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.train.keep_checkpoints,
+            create=True,
+            enable_async_checkpointing=False,
+        ),
+    )
+
+
+def abstract_with_shardings(setup: Setup):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        setup.abstract_state,
+        setup.state_shardings,
+    )
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, setup: Setup):
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_with_shardings(setup)),
+            data=ocp.args.JsonRestore(),
+        ),
+    )
+    return restored.state, restored.data
+
+
+def save_state(mngr, state: TrainState, data_state: dict) -> None:
+    step = int(jax.device_get(state.step))
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+        ),
+        force=True,
+    )
+    mngr.wait_until_finished()
+
+
+def load_float_weights(setup: Setup, state: TrainState, src: str) -> TrainState:
+    """`init_from`: take another run's weights (latest checkpoint); masks from them at step 0."""
+    src_dir = pathlib.Path(src)
+    mngr = ocp.CheckpointManager((src_dir / "checkpoints").absolute())
+    step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"init_from={src}: no checkpoint under {src_dir / 'checkpoints'}")
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        setup.abstract_state.params,
+        setup.state_shardings.params,
+    )
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={"params": target},
+                restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), {"params": setup.state_shardings.params}),
+                partial_restore=True,
+            )
+        ),
+    )
+    log.info("init_from %s: loaded float weights of step %d", src, step)
+    return state.replace(params=restored.state["params"])
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+class Progress:
+    """One line per `every` steps: step, loss, lr, steps/s, ETA."""
+
+    def __init__(self, total: int, start: int, label: str = ""):
+        self.total, self.start, self.label = total, start, label
+        self.t0 = time.perf_counter()
+
+    def line(self, step: int, loss: float, lr: float) -> str:
+        done = step - self.start
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        prefix = f"[{self.label}] " if self.label else ""
+        return (
+            f"{prefix}step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  "
+            f"{rate:.2f} steps/s  ETA {eta / 60:.1f} min"
+        )
+
+
+def device_batch(batch: dict, shardings: dict) -> dict:
+    """Host batch (this process's rows) -> global sharded arrays."""
+    return {
+        k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k]))
+        for k in shardings
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (resuming from `workdir` when it holds checkpoints), then evaluate.
+
+    Returns the evaluation metrics (also written to `workdir/eval.json`).
+    """
+    from usmqs import evaluate as evaluate_lib
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    train_manifest, eval_manifest = resolve_manifests(config)
+    tokenizer = load_or_train_tokenizer(config, workdir, train_manifest)
+    train_split = pipeline.prepare_split(
+        train_manifest, tokenizer, config.data, cache_dir(config, workdir), train=True
+    )
+    log.info("train data: %s", pipeline.skip_report(train_split))
+
+    setup = build(config, tokenizer.vocab_size)
+    log.info("%s", setup.policy.report_for(setup.graphdef) if hasattr(setup.policy, "report_for") else "")
+    step_fn, batch_sh = make_train_step(setup, config)
+    mngr = checkpoint_manager(workdir, config)
+    it = pipeline.make_train_iterator(
+        train_split, config.data, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    latest = mngr.latest_step()
+    if latest is not None:
+        state, data_state = restore_state(mngr, latest, setup)
+        it.set_state(data_state)
+        log.info("resumed from step %d", latest)
+    else:
+        state = setup.init_fn(jax.random.PRNGKey(config.seed))
+        if config.init_from:
+            state = load_float_weights(setup, state, config.init_from)
+
+    num_steps = config.train.num_steps
+    start = int(jax.device_get(state.step))
+    progress = Progress(num_steps, start, label=config.get("label", ""))
+    writer = _summary_writer(workdir)
+    with open(workdir / "metrics.jsonl", "a") as mfile:
+        pending = None
+        for step in range(start, num_steps):
+            batch = device_batch(next(it), batch_sh)
+            state, metrics = step_fn(state, batch)
+            pending = (step + 1, metrics)
+            last = step + 1 == num_steps
+            if (step + 1) % config.train.log_every == 0 or last:
+                m = {k: float(v) for k, v in jax.device_get(pending[1]).items()}
+                m["lr"] = float(setup.schedule(step))
+                m["step"] = step + 1
+                print(progress.line(step + 1, m["loss"], m["lr"]), flush=True)
+                mfile.write(json.dumps(m) + "\n")
+                mfile.flush()
+                if writer is not None:
+                    for k in ("loss", "grad_norm", "lr"):
+                        writer.add_scalar(f"train/{k}", m[k], step + 1)
+            if (step + 1) % config.train.checkpoint_every == 0 or last:
+                save_state(mngr, state, it.get_state())
+    if writer is not None:
+        writer.close()
+    mngr.close()
+    if config.eval.at_end:
+        return evaluate_lib.evaluate_workdir(config, workdir, state=state, setup=setup)
+    return {}
+
+
+def _summary_writer(workdir: pathlib.Path):
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(workdir / "tensorboard"))
