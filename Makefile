@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: install
-	$(PY) -m usmqs demo --workdir runs/demo
+	$(PY) -m usmqs train --config configs/tiny.py --workdir runs/demo/float
 
 test: install
 	$(PY) -m pytest -n 2 tests

@@ -45,7 +45,9 @@ def cmd_train(args, overrides):
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     # How to rebuild this config later (evaluate/export without --config).
-    (workdir / "run_config.txt").write_text(json.dumps([args.config, overrides]))
+    path, sep, arg = args.config.partition(":")
+    spec = str(pathlib.Path(path).resolve()) + sep + arg
+    (workdir / "run_config.txt").write_text(json.dumps([spec, overrides]))
     train.train_and_evaluate(cfg, args.workdir)
 
 

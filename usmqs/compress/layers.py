@@ -157,3 +157,23 @@ class Conv(_Compressible):
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
+
+
+def compressible_layers(model: nnx.Module) -> dict[str, tuple[WeightSpec | None, int]]:
+    """Every Dense/Conv of `model`: policy path -> (resolved spec, number of weights).
+
+    Layers stacked by scan share one path; their count includes the stacked axis.
+    """
+    out: dict[str, tuple[WeightSpec | None, int]] = {}
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, _Compressible):
+            prev = out.get(node.path)
+            out[node.path] = (node.spec, _prod(node.kernel.shape) + (prev[1] if prev else 0))
+    return out
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

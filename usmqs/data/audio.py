@@ -1,0 +1,170 @@
+"""Audio decoding and writing: any wav/flac in, 16 kHz mono float32 out.
+
+Every audio file the pipeline touches goes through :func:`load_audio`, so that a bad file
+fails in one place with one error type (:class:`AudioError`) whose message names the file.
+
+Conventions: waveforms are ``float32`` arrays of shape ``[N]`` (samples, mono) with values
+in ``[-1, 1]``; sample rates are in Hz.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+__all__ = ["SAMPLE_RATE", "AudioError", "audio_duration", "load_audio", "write_audio"]
+
+SAMPLE_RATE = 16000
+"""The model's sample rate in Hz; every waveform is resampled to it."""
+
+
+class AudioError(ValueError):
+    """An audio file is missing, empty, corrupt, truncated or otherwise unreadable.
+
+    Attributes:
+      path: the offending file, as given.
+      reason: what is wrong with it, in words.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):
+        # Keeps the error picklable across multiprocessing workers (the default reduce
+        # would call __init__ with the formatted message only).
+        return (type(self), (self.path, self.reason))
+
+
+def _wav_truncation(path: str) -> str | None:
+    """Returns why a RIFF/WAVE file is truncated, or None when it looks complete.
+
+    libsndfile silently clips a WAV whose data chunk is shorter than its header declares
+    (it returns the frames that are there), which would hide a half-copied file. We walk
+    the RIFF chunks ourselves and compare the declared data size with the bytes present.
+    Streaming writers put 0 or 0xFFFFFFFF in the size field when they cannot seek back;
+    those sizes mean "unknown" and are accepted.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+            return None  # not a plain RIFF/WAVE (e.g. RF64, W64, FLAC): libsndfile's call
+        endian = "<" if head[:4] == b"RIFF" else ">"
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk_id, chunk_size = struct.unpack(endian + "4sI", f.read(8))
+            if chunk_id == b"data":
+                if chunk_size in (0, 0xFFFFFFFF):
+                    return None
+                available = size - (pos + 8)
+                if chunk_size > available:
+                    return (
+                        f"truncated WAV data: header declares {chunk_size} bytes, "
+                        f"file holds {available}"
+                    )
+                return None
+            pos += 8 + chunk_size + (chunk_size & 1)  # chunks are padded to even sizes
+        return "truncated WAV: no data chunk"
+
+
+def load_audio(path: str | os.PathLike, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Decodes an audio file to a mono waveform at ``target_sr``.
+
+    Args:
+      path: a wav or flac file (anything libsndfile reads), any sample rate, any number
+        of channels, integer or float samples.
+      target_sr: output sample rate in Hz.
+
+    Returns:
+      ``float32 [N]`` in ``[-1, 1]`` (float files are passed through unclipped),
+      ``N = round(frames * target_sr / file_sr)``. Channels are averaged (mixdown);
+      resampling uses soxr's high-quality filter.
+
+    Raises:
+      AudioError: the file is missing, empty (0 bytes or 0 samples), corrupt, truncated,
+        unreadable, or holds non-finite samples. The message names the file.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AudioError(path, "no such file")
+    if os.path.isdir(path):
+        raise AudioError(path, "is a directory, not an audio file")
+    if os.path.getsize(path) == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+    try:
+        reason = _wav_truncation(path)
+        if reason is not None:
+            raise AudioError(path, reason)
+        with sf.SoundFile(path) as f:
+            declared, file_sr = f.frames, f.samplerate
+            data = f.read(dtype="float32", always_2d=True)  # [frames, channels]
+    except AudioError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, OSError, struct.error) as e:
+        raise AudioError(path, f"unreadable audio ({e})") from e
+    if data.shape[0] == 0:
+        raise AudioError(path, "no samples (0 frames)")
+    # FLAC cut exactly at a frame boundary decodes without error but short of the
+    # STREAMINFO sample count (0 there means "unknown", hence the > 0).
+    if 0 < data.shape[0] < declared:
+        raise AudioError(path, f"truncated: decoded {data.shape[0]} of {declared} frames")
+    if not np.isfinite(data).all():
+        raise AudioError(path, "non-finite samples (NaN or inf)")
+    audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if file_sr != target_sr:
+        audio = soxr.resample(audio, file_sr, target_sr, quality="HQ")
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def audio_duration(path: str | os.PathLike) -> float:
+    """Duration of an audio file in seconds, from its header (no decoding).
+
+    Raises:
+      AudioError: missing or unreadable file, or a header that declares 0 frames.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AudioError(path, "no such file")
+    try:
+        info = sf.info(path)
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioError(path, f"unreadable audio ({e})") from e
+    if info.frames <= 0:
+        raise AudioError(path, "no samples (0 frames)")
+    return info.frames / info.samplerate
+
+
+def write_audio(
+    path: str | os.PathLike, audio: np.ndarray, sr: int = SAMPLE_RATE, subtype: str | None = None
+) -> Path:
+    """Writes a waveform; the format follows the extension (``.wav``, ``.flac``, ...).
+
+    Args:
+      path: output file; parent folders are created.
+      audio: ``[N]`` mono or ``[N, C]`` multi-channel samples in ``[-1, 1]``; values
+        outside are clipped (integer PCM would otherwise wrap around).
+      sr: sample rate in Hz.
+      subtype: libsndfile subtype; default 16-bit PCM (``PCM_16``), which wav and flac
+        both hold. The output bytes depend only on the inputs (deterministic).
+
+    Returns:
+      The path written.
+    """
+    path = Path(path)
+    audio = np.asarray(audio)
+    if audio.ndim not in (1, 2):
+        raise ValueError(f"audio must be [N] or [N, C], got shape {audio.shape}")
+    if not np.isfinite(audio).all():
+        raise ValueError(f"refusing to write non-finite samples to {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clipped = np.clip(audio.astype(np.float32, copy=False), -1.0, 1.0)
+    sf.write(path, clipped, sr, subtype=subtype or "PCM_16")
+    return path
