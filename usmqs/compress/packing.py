@@ -38,14 +38,14 @@ original order. A group keeps exactly N elements (mask True = kept). Per group:
 
 Both arrays are packed, row-major, with `pack_bits` into two separate streams.
 
-Padding rule when M does not divide L: the axis is padded with zeros to ``G * M``; in the
-last group, the first ``N - k`` padded slots count as kept, where ``k <= N`` is the
-number of kept real elements there (for an exact N:M mask computed on the zero-padded
-axis, that is the same thing). Every group then keeps exactly N, so the layout is the
-ordinary one; `expand_nm` drops the padded slots, which hold zeros anyway. Groups that
-keep a number other than N (more than N in the last one) are outside the contract and
-decode to unspecified values; the check is `is_nm_mask` (outside jit, a traced mask
-cannot raise).
+Padding rule when M does not divide L: the axis is padded with zeros to ``G * M``, and
+in the last group (r = L - (G-1)*M real slots, M - r padded ones) the first ``N - k``
+padded slots count as kept, k being the number of kept real elements there. This needs
+``max(0, N - (M - r)) <= k <= min(N, r)``, which is exactly what an N:M mask computed on
+the zero-padded axis satisfies. Every group then keeps exactly N, so the layout is the
+ordinary one; `expand_nm` drops the padded slots, which hold zeros anyway. Masks outside
+this contract (a full group not keeping N, a last group out of that range) decode to
+unspecified values; the check is `is_nm_mask` (a traced mask cannot raise under jit).
 """
 
 from __future__ import annotations
@@ -394,15 +394,19 @@ def expand_nm(
 def is_nm_mask(mask: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
     """Whether `mask` meets the compaction contract: bool scalar (jit-friendly).
 
-    Every group of M along `axis` keeps exactly N; a last, partial group keeps at most N
-    of its real elements (the padding rule completes it).
+    Every group of M along `axis` keeps exactly N; a last, partial group with r real
+    slots keeps between ``max(0, N - (M - r))`` and ``min(N, r)`` of them (the padding
+    rule completes it to N with padded slots).
     """
     _check_nm(n, m, IndexEncoding.POSITION)
     axis = _normalize_axis(axis, mask.ndim)
     k = _to_groups(mask.astype(jnp.bool_), m, axis, False)
     kept = jnp.sum(k, axis=-1, dtype=jnp.int32)
-    if mask.shape[axis] % m:
-        return jnp.all(kept[..., :-1] == n) & jnp.all(kept[..., -1] <= n)
+    tail = mask.shape[axis] % m
+    if tail:
+        low, high = max(0, n - (m - tail)), min(n, tail)
+        last = kept[..., -1]
+        return jnp.all(kept[..., :-1] == n) & jnp.all((last >= low) & (last <= high))
     return jnp.all(kept == n)
 
 

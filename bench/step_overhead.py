@@ -1,0 +1,105 @@
+"""Train-step time of compression-aware training relative to float, interleaved in one process.
+
+    .venv/bin/python bench/step_overhead.py [--presets tiny,conformer_m] [--repeats 5]
+
+For each preset, builds the float step and one step per compressed policy on the same
+synthetic batch, then times them round-robin (float, int4+2:4, int2+1:4, float, ...) so
+that machine noise hits all alike. Prints JSON: per preset and policy the median seconds
+per step and the ratio to float (target <= 1.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from usmqs import config as config_lib  # noqa: E402
+from usmqs import train  # noqa: E402
+
+
+def make_batch(cfg, batch_size: int, frames: int, vocab: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    labels_len = max(2, frames // 16)
+    return {
+        "features": rng.standard_normal((batch_size, frames, cfg.model.num_mel_bins)).astype(np.float32),
+        "feature_mask": np.ones((batch_size, frames), bool),
+        "labels": rng.integers(1, vocab, (batch_size, labels_len)).astype(np.int32),
+        "label_mask": np.ones((batch_size, labels_len), bool),
+    }
+
+
+def build_step(preset: str, policy: str, batch: dict, vocab: int, overrides: list[str]):
+    cfg = config_lib.base_config(preset)
+    cfg.policy.name = policy
+    cfg.mesh.data = 1
+    config_lib.apply_overrides(cfg, overrides)
+    setup = train.build(cfg, vocab, mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")))
+    step_fn, batch_sh = train.make_train_step(setup, cfg)
+    state = setup.init_fn(jax.random.PRNGKey(0))
+    dev_batch = train.device_batch(batch, batch_sh)
+    t0 = time.perf_counter()
+    state, m = step_fn(state, dev_batch)
+    jax.block_until_ready(m["loss"])
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        s = holder["state"]
+        for _ in range(n):
+            s, m = step_fn(s, dev_batch)
+        jax.block_until_ready(m["loss"])
+        holder["state"] = s
+        return (time.perf_counter() - t) / n
+
+    return run, compile_s
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--presets", default="tiny,conformer_m")
+    p.add_argument("--policies", default="int4+2:4,int2+1:4")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="steps per timed round")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--frames", type=int, default=400)
+    args = p.parse_args()
+    vocab = 128
+    out = {"device": str(jax.devices()[0]), "batch": args.batch, "frames": args.frames, "presets": {}}
+    for preset in args.presets.split(","):
+        cfg = config_lib.base_config(preset)
+        batch = make_batch(cfg, args.batch, args.frames, vocab)
+        names = ["float", *args.policies.split(",")]
+        runners, compile_s = {}, {}
+        for name in names:
+            runners[name], compile_s[name] = build_step(preset, name, batch, vocab, [])
+            runners[name](1)  # warm
+        times = {n: [] for n in names}
+        for _ in range(args.repeats):
+            for n in names:
+                times[n].append(runners[n](args.steps))
+        med = {n: statistics.median(v) for n, v in times.items()}
+        out["presets"][preset] = {
+            n: {
+                "seconds_per_step": med[n],
+                "ratio_to_float": med[n] / med["float"],
+                "compile_seconds": compile_s[n],
+            }
+            for n in names
+        }
+        print(json.dumps({preset: out["presets"][preset]}), file=sys.stderr, flush=True)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
