@@ -1,0 +1,822 @@
+"""The data path from a manifest to padded batches, on grain (no TensorFlow).
+
+Two stages:
+
+1. :func:`prepare_split` (once per manifest, cached): read the manifest, decode + resample
+   audio (:func:`usmqs.data.audio.load_audio`), compute log-mel
+   (:mod:`usmqs.data.features`), normalize the transcript
+   (:func:`usmqs.data.text.normalize_text`), tokenize, validate, and write one record per
+   kept utterance to an ArrayRecord file plus a JSON side file (metadata + skip report).
+2. :func:`make_train_iterator` / :func:`eval_batches`: read the records with grain, apply
+   SpecAugment (train only), bucket by length and pad to fixed shapes.
+
+Batches are dicts of numpy arrays, ``B`` = this process's rows
+(``batch_size // process_count``)::
+
+    features      [B, T_b, F] float32   log-mel, zero beyond each row's frames
+    feature_mask  [B, T_b]    bool      True on real frames
+    labels        [B, L_b]    int32     token ids, 0 (= CTC blank id) beyond each row's labels
+    label_mask    [B, L_b]    bool      True on real labels
+    example_index [B]         int32     index into ``split.metadata``; -1 for padding rows
+
+``T_b`` is a bucket boundary (``cfg.bucket_boundaries``) and
+``L_b = subsampled_length(T_b, cfg.subsampling_factor)``: the most labels CTC can emit from
+``T_b`` frames. So the label width is a function of the bucket alone, one compiled shape
+per bucket; and every kept training example fits its bucket's label width (it passed the
+CTC check ``num_labels + num_repeats <= subsampled_length(num_frames)``).
+
+Bad inputs (reason keys of ``PreparedSplit.skipped``), each logged as ``manifest:line``:
+
+============================  ================================================================
+``malformed_line``            not a JSON object with string audio_filepath/text, bad duration
+``empty_transcript``          nothing left after :func:`normalize_text`
+``unknown_chars``             characters the tokenizer cannot represent (they would be <unk>)
+``audio_error``               missing / empty / corrupt / truncated audio (``AudioError``)
+``too_long``                  more than ``cfg.max_frames`` feature frames
+``labels_too_long``           ``num_labels + num_repeats > subsampled_length(num_frames)``:
+                              CTC cannot align the labels to the frames
+============================  ================================================================
+
+Reasons are checked in that order (cheap text checks before decoding audio); a line is
+counted once, under the first reason that applies. With ``cfg.on_bad_input == "error"``
+the first bad line (in file order) raises ``ValueError("manifest:line: reason: detail")``.
+
+Evaluation splits (``train=False``) skip only what cannot be scored (the first four
+reasons). ``unknown_chars``, ``too_long`` and ``labels_too_long`` utterances are kept, so
+that WER is measured on the whole test set, and counted in ``PreparedSplit.warnings``;
+an eval utterance longer than the last boundary is padded to a multiple of it, and its
+labels (used only for an eval loss) are cut to the bucket's label width.
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import dataclasses
+import enum
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grain
+import ml_collections
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from usmqs.data import features as features_lib
+from usmqs.data.audio import SAMPLE_RATE, AudioError, load_audio
+from usmqs.data.manifest import SkippedLine, Utterance, read_manifest
+from usmqs.data.specaugment import spec_augment
+from usmqs.data.text import normalize_text
+from usmqs.data.tokenizer import MODEL_TYPES, Tokenizer
+
+__all__ = [
+    "PreparedSplit",
+    "SkipReason",
+    "batch_shapes",
+    "ctc_min_frames",
+    "decode_example",
+    "default_data_config",
+    "encode_example",
+    "eval_batches",
+    "feature_config",
+    "make_train_iterator",
+    "prepare_split",
+    "skip_report",
+    "subsampled_length",
+    "train_batches_per_epoch",
+    "validate_data_config",
+]
+
+log = logging.getLogger(__name__)
+
+# Bump when the record layout or the preparation logic changes: old caches become misses.
+CACHE_VERSION = 1
+# Features are stored as float16 on disk (log-mel lies in about [-23, 20], where float16
+# keeps ~3 significant digits) and widened to float32 in batches: half the disk and I/O.
+STORAGE_DTYPE = np.float16
+
+
+class SkipReason(enum.StrEnum):
+    MALFORMED_LINE = "malformed_line"
+    EMPTY_TRANSCRIPT = "empty_transcript"
+    UNKNOWN_CHARS = "unknown_chars"
+    AUDIO_ERROR = "audio_error"
+    TOO_LONG = "too_long"
+    LABELS_TOO_LONG = "labels_too_long"
+
+
+# Eval keeps these (scored anyway), counting them as warnings.
+_EVAL_KEEPS = (SkipReason.UNKNOWN_CHARS, SkipReason.TOO_LONG, SkipReason.LABELS_TOO_LONG)
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The ``config.data`` block: every key the pipeline reads, with its default."""
+    return ml_collections.ConfigDict(
+        dict(
+            train_manifest="",  # NeMo-style JSON lines; '' = the embedded synthetic corpus
+            eval_manifest="",
+            num_mel_bins=80,  # F; other front-end parameters are FeatureConfig defaults
+            vocab_size=128,  # sentencepiece size request incl. <blank>=0 and <unk>=1 (soft)
+            tokenizer_type="unigram",  # 'unigram' | 'bpe' | 'char'
+            batch_size=16,  # global batch (all processes); each process gets batch_size/P
+            # Padded frame counts (10 ms frames); an utterance goes to the smallest one
+            # that holds it. Each boundary is one compiled train-step shape.
+            bucket_boundaries=(200, 300, 400, 600, 800, 1200, 1600),
+            max_frames=1600,  # longer training utterances are skipped; <= last boundary
+            on_bad_input="skip",  # 'skip' (count + log) | 'error' (raise at the first)
+            spec_augment=ml_collections.ConfigDict(
+                dict(
+                    enabled=True,
+                    freq_masks=2,
+                    freq_width=27,  # max channels per frequency mask
+                    time_masks=2,  # count, or the cap when time_masks_per_frame > 0
+                    time_width_ratio=0.05,  # max time-mask width / valid frames
+                    time_masks_per_frame=0.0,  # > 0: adaptive count floor(ratio * frames)
+                )
+            ),
+            shuffle_seed=0,  # used when make_train_iterator gets no explicit seed
+            num_workers=0,  # processes for feature extraction and batch assembly; 0 = inline
+            subsampling_factor=4,  # the encoder's time reduction, 2**k (k stride-2 convs)
+        )
+    )
+
+
+def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError on inconsistent data settings (called by the functions below)."""
+    bounds = tuple(int(b) for b in cfg.bucket_boundaries)
+    if not bounds or any(b <= 0 for b in bounds) or list(bounds) != sorted(set(bounds)):
+        raise ValueError(f"data.bucket_boundaries must be increasing positive ints, got {bounds}")
+    if not 0 < cfg.max_frames <= bounds[-1]:
+        raise ValueError(
+            f"data.max_frames={cfg.max_frames} must be in (0, {bounds[-1]}] (the last bucket "
+            "boundary): add a larger boundary to train on longer utterances"
+        )
+    if cfg.on_bad_input not in ("skip", "error"):
+        raise ValueError(f"data.on_bad_input must be 'skip' or 'error', got {cfg.on_bad_input!r}")
+    if cfg.tokenizer_type not in MODEL_TYPES:
+        raise ValueError(f"data.tokenizer_type must be one of {MODEL_TYPES}, got {cfg.tokenizer_type!r}")
+    factor = int(cfg.subsampling_factor)
+    if factor < 1 or factor & (factor - 1):
+        raise ValueError(f"data.subsampling_factor must be a power of 2, got {factor}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"data.batch_size must be positive, got {cfg.batch_size}")
+    if subsampled_length(bounds[0], factor) < 1:
+        raise ValueError(f"bucket boundary {bounds[0]} leaves no frames after {factor}x subsampling")
+
+
+def feature_config(cfg: ml_collections.ConfigDict) -> features_lib.FeatureConfig:
+    """The front end for a data config: ``FeatureConfig`` defaults with its mel bins."""
+    return features_lib.FeatureConfig(sample_rate=SAMPLE_RATE, num_mel_bins=int(cfg.num_mel_bins))
+
+
+# ------------------------------------------------------------------------ CTC lengths
+
+
+def subsampled_length(num_frames, subsampling_factor: int = 4):
+    """Encoder output length for ``num_frames`` input frames (int or integer array).
+
+    The encoder front end is ``log2(subsampling_factor)`` 3x3 convolutions with stride 2
+    and VALID padding, each mapping ``t -> (t - 1) // 2`` (= ``(t - 3) // 2 + 1``). For the
+    default factor 4 (two convs): ``((T - 1) // 2 - 1) // 2``. Clipped at 0. The model
+    uses the same formula for its output mask.
+    """
+    t = np.asarray(num_frames, dtype=np.int64)
+    factor = int(subsampling_factor)
+    while factor > 1:
+        t = (t - 1) // 2
+        factor //= 2
+    t = np.maximum(t, 0)
+    return int(t) if t.ndim == 0 else t
+
+
+def ctc_min_frames(labels: Sequence[int]) -> int:
+    """Fewest output frames CTC needs to emit ``labels``: ``len + #(y[i] == y[i-1])``
+    (a blank must separate equal neighbours)."""
+    y = np.asarray(labels)
+    return int(y.size + np.count_nonzero(y[1:] == y[:-1])) if y.size else 0
+
+
+def _bucket_frames(num_frames: int, bounds: Sequence[int]) -> int:
+    """Padded length: the smallest boundary >= num_frames, or (eval only) a multiple of
+    the last boundary."""
+    i = bisect.bisect_left(bounds, num_frames)
+    if i < len(bounds):
+        return bounds[i]
+    return -(-num_frames // bounds[-1]) * bounds[-1]
+
+
+def batch_shapes(cfg: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+    """``(T_b, L_b)`` of every training bucket: the train step compiles once per entry."""
+    validate_data_config(cfg)
+    return [(int(b), subsampled_length(int(b), cfg.subsampling_factor)) for b in cfg.bucket_boundaries]
+
+
+# ---------------------------------------------------------------------- serialization
+
+# Record = header + features bytes (T*F, STORAGE_DTYPE, row-major) + labels (L, int32).
+# Header: magic, version, dtype code, pad, example index, T, F, L (little endian).
+_HEADER = struct.Struct("<4sBBHIIII")
+_MAGIC = b"USMX"
+_DTYPES = {1: np.dtype(np.float16), 2: np.dtype(np.float32)}
+_DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+def encode_example(index: int, feats: np.ndarray, labels: Sequence[int]) -> bytes:
+    """Serializes one example: ``feats [T, F]`` (stored as float16), ``labels [L]`` int32."""
+    feats = np.ascontiguousarray(feats, dtype=np.dtype(STORAGE_DTYPE).newbyteorder("<"))
+    labels = np.ascontiguousarray(labels, dtype="<i4")
+    t, f = feats.shape
+    code = _DTYPE_CODES[np.dtype(STORAGE_DTYPE)]
+    header = _HEADER.pack(_MAGIC, CACHE_VERSION, code, 0, index, t, f, labels.size)
+    return header + feats.tobytes() + labels.tobytes()
+
+
+def decode_example(record: bytes) -> dict:
+    """Inverse of :func:`encode_example`: ``{"index": int, "features": [T, F] float16,
+    "labels": [L] int32}`` (arrays are read-only views of ``record``)."""
+    magic, version, code, _, index, t, f, n = _HEADER.unpack_from(record)
+    if magic != _MAGIC or version != CACHE_VERSION:
+        raise ValueError(f"not a usmqs example record (magic={magic!r}, version={version})")
+    dtype = _DTYPES[code].newbyteorder("<")
+    start = _HEADER.size
+    end = start + t * f * dtype.itemsize
+    feats = np.frombuffer(record, dtype=dtype, count=t * f, offset=start).reshape(t, f)
+    labels = np.frombuffer(record, dtype="<i4", count=n, offset=end)
+    return {"index": index, "features": feats, "labels": labels}
+
+
+# ------------------------------------------------------------------------ preparation
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedSplit:
+    """A manifest turned into cached examples.
+
+    Attributes:
+      path: the ArrayRecord file, one record per kept example, record ``i`` = example ``i``.
+      metadata_path: the JSON side file (metadata, skip counts, skip log).
+      manifest: absolute manifest path.
+      train: prepared for training (all bad inputs skipped) or evaluation.
+      num_examples: kept examples.
+      skipped: ``{reason: count}`` of lines left out (reasons in :class:`SkipReason`).
+      warnings: ``{reason: count}`` of eval lines kept despite a problem.
+      metadata: per example ``{"audio_filepath", "text" (normalized), "line",
+        "num_frames", "num_labels"}``, in manifest order.
+      skip_log: ``[{"line", "reason", "detail", "kept"}]`` for every skipped (``kept`` False)
+        or warned (``kept`` True) line, in file order.
+      from_cache: True when nothing was recomputed.
+      key: the cache key (sha256 hex).
+    """
+
+    path: str
+    metadata_path: str
+    manifest: str
+    train: bool
+    num_examples: int
+    skipped: dict
+    warnings: dict
+    metadata: list
+    skip_log: list
+    from_cache: bool
+    key: str
+
+    @property
+    def num_frames(self) -> np.ndarray:
+        """``[num_examples]`` int64 frame counts."""
+        return np.asarray([m["num_frames"] for m in self.metadata], dtype=np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Limits:
+    max_frames: int
+    subsampling_factor: int
+    train: bool
+
+
+class _Problem(Exception):
+    def __init__(self, reason: SkipReason, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _check_text(utt: Utterance, tokenizer: Tokenizer) -> tuple[str, list[int]]:
+    text = normalize_text(utt.text)
+    if not text:
+        raise _Problem(SkipReason.EMPTY_TRANSCRIPT, f"empty transcript after normalization ({utt.text!r})")
+    return text, tokenizer.encode(text)
+
+
+def _process(utt: Utterance, tokenizer: Tokenizer, fcfg: features_lib.FeatureConfig, limits: _Limits):
+    """One utterance -> ("ok", feats, labels, text, warning|None) or ("bad", reason, detail)."""
+    warning = None
+    try:
+        text, labels = _check_text(utt, tokenizer)
+        unknown = tokenizer.unknown_chars(text)
+        if unknown:
+            warning = _Problem(
+                SkipReason.UNKNOWN_CHARS, f"characters the tokenizer cannot represent: {unknown}"
+            )
+            if limits.train:
+                raise warning
+        try:
+            audio = load_audio(utt.audio_filepath, SAMPLE_RATE)
+        except AudioError as e:
+            raise _Problem(SkipReason.AUDIO_ERROR, str(e)) from None
+        feats = features_lib.compute_log_mel(audio, fcfg)
+        frames = feats.shape[0]
+        if frames > limits.max_frames:
+            warning = warning or _Problem(
+                SkipReason.TOO_LONG, f"{frames} frames > max_frames={limits.max_frames}"
+            )
+            if limits.train:
+                raise warning
+        need, have = ctc_min_frames(labels), subsampled_length(frames, limits.subsampling_factor)
+        if need > have:
+            warning = warning or _Problem(
+                SkipReason.LABELS_TOO_LONG,
+                f"{len(labels)} labels need {need} encoder frames, {frames} frames give {have}",
+            )
+            if limits.train:
+                raise warning
+    except _Problem as p:
+        return ("bad", str(p.reason), p.detail)
+    w = None if warning is None else (str(warning.reason), warning.detail)
+    return ("ok", feats, labels, text, w)
+
+
+# Worker-process globals for parallel preparation (set once by the pool initializer).
+_WORKER: dict = {}
+
+
+def _init_worker(model_bytes: bytes, fcfg: features_lib.FeatureConfig, limits: _Limits) -> None:
+    _WORKER.update(tokenizer=Tokenizer(model_bytes), fcfg=fcfg, limits=limits)
+
+
+def _process_in_worker(utt: Utterance):
+    return _process(utt, _WORKER["tokenizer"], _WORKER["fcfg"], _WORKER["limits"])
+
+
+def _cache_key(manifest: str, manifest_bytes: bytes, rows, tokenizer, fcfg, limits) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(
+        {"version": CACHE_VERSION, "manifest": manifest, "features": fcfg.to_dict(),
+         "limits": dataclasses.asdict(limits), "storage": np.dtype(STORAGE_DTYPE).name},
+        sort_keys=True,
+    ).encode())
+    h.update(hashlib.sha256(manifest_bytes).digest())
+    h.update(hashlib.sha256(tokenizer.model_bytes).digest())
+    # Audio files rewritten in place (e.g. a re-synthesized corpus) must invalidate the
+    # cache too; a stat per file is cheap next to decoding it.
+    for utt in rows:
+        try:
+            st = os.stat(utt.audio_filepath)
+            h.update(f"{utt.audio_filepath}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{utt.audio_filepath}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def _raise_bad(manifest: str, line: int, reason: str, detail: str):
+    raise ValueError(f"{manifest}:{line}: {reason}: {detail} (data.on_bad_input='error')")
+
+
+def _load_cached(meta_path: Path, record_path: Path, key: str) -> dict | None:
+    if not (meta_path.exists() and record_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if meta.get("key") == key else None
+
+
+def _split_from_meta(meta: dict, record_path: Path, meta_path: Path, from_cache: bool) -> PreparedSplit:
+    return PreparedSplit(
+        path=str(record_path),
+        metadata_path=str(meta_path),
+        manifest=meta["manifest"],
+        train=meta["train"],
+        num_examples=len(meta["examples"]),
+        skipped=dict(meta["skipped"]),
+        warnings=dict(meta["warnings"]),
+        metadata=meta["examples"],
+        skip_log=meta["skip_log"],
+        from_cache=from_cache,
+        key=meta["key"],
+    )
+
+
+def prepare_split(
+    manifest_path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    cfg: ml_collections.ConfigDict,
+    cache_dir: str | os.PathLike,
+    *,
+    train: bool,
+) -> PreparedSplit:
+    """Reads, validates, featurizes and tokenizes a manifest into a cached ArrayRecord.
+
+    Writes ``{cache_dir}/{manifest stem}.{train|eval}.{key[:16]}.array_record`` and a
+    ``.json`` side file with the metadata and skip report. ``key`` hashes the manifest
+    (path and bytes), the audio files' sizes and mtimes, the feature config, the tokenizer
+    model bytes, ``max_frames``, ``subsampling_factor`` and ``train``; when both files exist
+    with that key nothing is recomputed (``from_cache=True``). Files are written under
+    temporary names and renamed, the JSON last, so an interrupted run leaves no valid
+    cache.
+
+    Args:
+      manifest_path: NeMo-style JSON-lines manifest.
+      tokenizer: the run's tokenizer.
+      cfg: the data config (:func:`default_data_config` keys); uses ``num_mel_bins``,
+        ``max_frames``, ``subsampling_factor``, ``on_bad_input``, ``num_workers``.
+      cache_dir: where prepared splits live (created).
+      train: training split (skip every bad input) or eval split (see module docstring).
+
+    Raises:
+      ValueError: with ``on_bad_input='error'``, the first bad line as
+        ``"manifest:line: reason: detail"`` (also on a cache hit whose report has skips).
+      FileNotFoundError: the manifest does not exist.
+    """
+    validate_data_config(cfg)
+    manifest = os.path.abspath(os.fspath(manifest_path))
+    manifest_bytes = Path(manifest).read_bytes()
+    rows, malformed = read_manifest(manifest, on_error="skip")
+    fcfg = feature_config(cfg)
+    limits = _Limits(int(cfg.max_frames), int(cfg.subsampling_factor), bool(train))
+    key = _cache_key(manifest, manifest_bytes, rows, tokenizer, fcfg, limits)
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    base = f"{Path(manifest).stem}.{'train' if train else 'eval'}.{key[:16]}"
+    record_path, meta_path = cache / f"{base}.array_record", cache / f"{base}.json"
+    strict = cfg.on_bad_input == "error"
+
+    meta = _load_cached(meta_path, record_path, key)
+    if meta is not None:
+        bad = [e for e in meta["skip_log"] if not e["kept"]]
+        if strict and bad:
+            first = min(bad, key=lambda e: e["line"])
+            _raise_bad(manifest, first["line"], first["reason"], first["detail"])
+        log.info("%s: using cached %s", manifest, record_path)
+        return _split_from_meta(meta, record_path, meta_path, from_cache=True)
+
+    # Malformed lines and parsed rows, merged back into file order.
+    items: list[Utterance | SkippedLine] = sorted([*rows, *malformed], key=lambda x: x.line)
+    skipped: dict[str, int] = {}
+    warnings: dict[str, int] = {}
+    skip_log: list[dict] = []
+    examples: list[dict] = []
+
+    def note(line: int, reason: str, detail: str, counts: dict, kept: bool) -> None:
+        reason = str(reason)  # plain str keys (SkipReason is a StrEnum)
+        counts[reason] = counts.get(reason, 0) + 1
+        skip_log.append({"line": line, "reason": reason, "detail": detail, "kept": kept})
+        if reason == SkipReason.MALFORMED_LINE:
+            return  # read_manifest has logged it already
+        # Length limits are policy, not broken data: log them quietly.
+        quiet = reason in (SkipReason.TOO_LONG, SkipReason.LABELS_TOO_LONG)
+        log.log(
+            logging.INFO if quiet else logging.WARNING,
+            "%s %s:%d: %s: %s", "keeping" if kept else "skipping", manifest, line, reason, detail,
+        )
+
+    tmp_record = record_path.with_name(record_path.name + f".tmp{os.getpid()}")
+    writer = ArrayRecordWriter(str(tmp_record), "group_size:1")
+    pool = None
+    try:
+        utts = [x for x in items if isinstance(x, Utterance)]
+        if cfg.num_workers > 0 and len(utts) > 1:
+            # spawn, not fork: the parent may hold JAX's threads.
+            pool = concurrent.futures.ProcessPoolExecutor(
+                int(cfg.num_workers),
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(tokenizer.model_bytes, fcfg, limits),
+            )
+            results = pool.map(_process_in_worker, utts, chunksize=8)
+        else:
+            results = (_process(u, tokenizer, fcfg, limits) for u in utts)
+        results = iter(results)
+        for n, item in enumerate(items):
+            if isinstance(item, SkippedLine):
+                if strict:
+                    _raise_bad(manifest, item.line, SkipReason.MALFORMED_LINE, item.reason)
+                note(item.line, SkipReason.MALFORMED_LINE, item.reason, skipped, kept=False)
+                continue
+            result = next(results)
+            if result[0] == "bad":
+                _, reason, detail = result
+                if strict:
+                    _raise_bad(manifest, item.line, reason, detail)
+                note(item.line, reason, detail, skipped, kept=False)
+                continue
+            _, feats, labels, text, warning = result
+            if warning is not None:
+                note(item.line, warning[0], warning[1], warnings, kept=True)
+            writer.write(encode_example(len(examples), feats, labels))
+            examples.append({
+                "audio_filepath": item.audio_filepath,
+                "text": text,
+                "line": item.line,
+                "num_frames": int(feats.shape[0]),
+                "num_labels": len(labels),
+            })
+            if (n + 1) % 1000 == 0:
+                log.info("%s: %d/%d lines prepared", manifest, n + 1, len(items))
+    except BaseException:
+        writer.close()
+        tmp_record.unlink(missing_ok=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    writer.close()
+    meta = {
+        "key": key,
+        "manifest": manifest,
+        "train": bool(train),
+        "feature_config": fcfg.to_dict(),
+        "num_lines": len(items),
+        "skipped": skipped,
+        "warnings": warnings,
+        "skip_log": skip_log,
+        "examples": examples,
+    }
+    os.replace(tmp_record, record_path)
+    tmp_meta = meta_path.with_name(meta_path.name + f".tmp{os.getpid()}")
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp_meta, meta_path)
+    split = _split_from_meta(meta, record_path, meta_path, from_cache=False)
+    if skipped or warnings:
+        log.warning("%s", skip_report(split))
+    return split
+
+
+def skip_report(split: PreparedSplit) -> str:
+    """Human-readable summary: kept count, skip counts by reason with a first example each."""
+    total_skipped = sum(split.skipped.values())
+    lines = [
+        f"{split.manifest} ({'train' if split.train else 'eval'}): kept {split.num_examples} of "
+        f"{split.num_examples + total_skipped} utterances"
+        + (" (cached)" if split.from_cache else "")
+    ]
+
+    def section(title: str, counts: dict) -> None:
+        if not counts:
+            return
+        lines.append(f"  {title} {sum(counts.values())}:")
+        for reason in sorted(counts, key=lambda r: (-counts[r], r)):
+            first = next(e for e in split.skip_log if e["reason"] == reason)
+            lines.append(
+                f"    {reason:<17} {counts[reason]:>6}   "
+                f"e.g. {split.manifest}:{first['line']}: {first['detail']}"
+            )
+
+    section("skipped", split.skipped)
+    section("kept with warnings", split.warnings)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def _source(split: PreparedSplit) -> grain.MapDataset:
+    """Example ``i`` of the split as a decoded dict (see :func:`decode_example`)."""
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource([split.path])).map(decode_example)
+
+
+def _empty_batch(rows: int, frames: int, labels: int, bins: int) -> dict:
+    return {
+        "features": np.zeros((rows, frames, bins), np.float32),
+        "feature_mask": np.zeros((rows, frames), bool),
+        "labels": np.zeros((rows, labels), np.int32),
+        "label_mask": np.zeros((rows, labels), bool),
+        "example_index": np.full((rows,), -1, np.int32),
+    }
+
+
+def _put_row(batch: dict, row: int, index: int, feats: np.ndarray, labels: np.ndarray) -> None:
+    t = min(feats.shape[0], batch["features"].shape[1])
+    n = min(labels.shape[0], batch["labels"].shape[1])  # eval only may cut labels
+    batch["features"][row, :t] = feats[:t]
+    batch["feature_mask"][row, :t] = True
+    batch["labels"][row, :n] = labels[:n]
+    batch["label_mask"][row, :n] = True
+    batch["example_index"][row] = index
+
+
+class _TrainPlan:
+    """Which examples form which global batch, per epoch; identical on every process.
+
+    Epoch ``e``: examples are permuted with ``default_rng([seed, 0, e])`` and grouped by
+    bucket (smallest boundary >= num_frames), keeping that order. Each bucket yields
+    ``n_b // batch_size`` full batches; the leftovers of all buckets, ordered by bucket,
+    are cut into further batches, each padded to the bucket of its longest member. The
+    last of those is completed with examples of this epoch (in permutation order) that are
+    not in it and fit its bucket, repeating examples only if the split holds fewer than
+    ``batch_size``. So every example appears at least once per epoch, at most
+    ``batch_size - 1`` appear twice, every row is real (no empty rows in training), and
+    there are ``ceil(num_examples / batch_size)`` batches per epoch.
+    """
+
+    def __init__(self, num_frames: np.ndarray, bounds: Sequence[int], batch_size: int, seed: int):
+        self.bucket = np.searchsorted(np.asarray(bounds), num_frames, side="left")
+        self.batch_size, self.seed = batch_size, seed
+        self.num_batches = -(-self.bucket.size // batch_size)
+        self._cache: dict[int, list] = {}
+
+    def batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """``[(bucket index, example indices [batch_size])]`` of global batches of ``epoch``."""
+        plan = self._cache.get(epoch)
+        if plan is not None:
+            return plan
+        bs = self.batch_size
+        order = np.random.default_rng([self.seed, 0, epoch]).permutation(self.bucket.size)
+        by_bucket = order[np.argsort(self.bucket[order], kind="stable")]
+        plan, leftovers = [], []
+        for b in np.unique(self.bucket):
+            members = by_bucket[self.bucket[by_bucket] == b]
+            full = members.size // bs * bs
+            plan.extend((int(b), chunk) for chunk in members[:full].reshape(-1, bs))
+            leftovers.extend(members[full:].tolist())
+        for start in range(0, len(leftovers), bs):
+            chunk = leftovers[start : start + bs]
+            top = int(self.bucket[chunk].max())
+            if len(chunk) < bs:
+                taken = set(chunk)
+                fits = [int(i) for i in order if self.bucket[i] <= top and int(i) not in taken]
+                fill = fits[: bs - len(chunk)]
+                chunk = np.resize(np.asarray(chunk + fill), bs)  # repeats only if n < bs
+            plan.append((top, np.asarray(chunk, dtype=np.int64)))
+        if len(self._cache) > 4:
+            self._cache.clear()
+        self._cache[epoch] = plan
+        return plan
+
+
+class _TrainBatch:
+    """``map_with_index`` fn: (global step, batch id in epoch) -> this process's batch."""
+
+    def __init__(self, split: PreparedSplit, cfg, plan: _TrainPlan, seed: int, pi: int, pc: int):
+        self.examples = _source(split)
+        self.plan, self.seed = plan, seed
+        self.bounds = tuple(int(b) for b in cfg.bucket_boundaries)
+        self.factor = int(cfg.subsampling_factor)
+        self.bins = int(cfg.num_mel_bins)
+        self.pi, self.pc = pi, pc  # process index, process count
+        sa = cfg.spec_augment
+        self.augment = dict(
+            freq_masks=int(sa.freq_masks),
+            freq_width=int(sa.freq_width),
+            time_masks=int(sa.time_masks),
+            time_width_ratio=float(sa.time_width_ratio),
+            time_masks_per_frame=float(sa.get("time_masks_per_frame", 0.0)),
+        ) if sa.enabled else None
+
+    def __call__(self, step: int, batch_id: int) -> dict:
+        epoch = step // self.plan.num_batches
+        bucket, members = self.plan.batches(epoch)[batch_id]
+        frames = self.bounds[bucket]
+        rows = members[self.pi :: self.pc]
+        batch = _empty_batch(rows.size, frames, subsampled_length(frames, self.factor), self.bins)
+        for r, i in enumerate(rows):
+            ex = self.examples[int(i)]
+            feats = ex["features"].astype(np.float32)
+            if self.augment is not None:
+                # Keyed by (step, row of the global batch): independent of process count,
+                # prefetching and restarts.
+                rng = np.random.default_rng([self.seed, 1, step, self.pi + r * self.pc])
+                feats = spec_augment(feats, feats.shape[0], rng, **self.augment)
+            _put_row(batch, r, int(i), feats, ex["labels"])
+        return batch
+
+
+def train_batches_per_epoch(split: PreparedSplit, cfg: ml_collections.ConfigDict) -> int:
+    """Global batches per epoch: ``ceil(num_examples / batch_size)`` (each example at least
+    once per epoch)."""
+    validate_data_config(cfg)
+    return _TrainPlan(split.num_frames, tuple(cfg.bucket_boundaries), int(cfg.batch_size), 0).num_batches
+
+
+def make_train_iterator(
+    split: PreparedSplit,
+    cfg: ml_collections.ConfigDict,
+    *,
+    seed: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """Infinite iterator of training batches (module docstring for the layout).
+
+    Pipeline: ``MapDataset.range(batches_per_epoch).shuffle(seed).repeat()`` (grain
+    reshuffles the batch order every epoch) ``.map_with_index(assemble)`` where
+    ``assemble(step, batch_id)`` looks up the epoch's bucketed plan (see ``_TrainPlan``),
+    reads the examples from ``MapDataset.source(ArrayRecordDataSource)``, applies SpecAugment
+    with ``default_rng([seed, 1, step, global_row])``, and pads to the bucket's
+    ``(T_b, L_b)``. Every process builds the same global plan and keeps rows
+    ``[process_index::process_count]`` of each global batch: at every step all processes
+    pad to the same bucket shape (``jax.make_array_from_process_local_data`` needs that),
+    and the processes' examples are disjoint within a step and together cover the global
+    batch. Slicing the example list per process instead would let processes disagree on
+    the bucket at a step.
+
+    ``it.get_state()`` is a small JSON-serializable dict (``{"next_index": step}``);
+    ``it.set_state(state)`` on a fresh iterator from the same split, config and seed
+    resumes with the identical batches, augmentation included.
+
+    Args:
+      split: a :class:`PreparedSplit` (``train=True``).
+      cfg: data config; ``batch_size`` is global and must divide by ``process_count``.
+      seed: shuffle/augment seed in ``[0, 2**32)``; None = ``cfg.shuffle_seed``.
+      process_index, process_count: this process and the number of data-loading processes.
+    """
+    validate_data_config(cfg)
+    if split.num_examples == 0:
+        raise ValueError(f"{split.manifest}: no usable training examples\n{skip_report(split)}")
+    if cfg.batch_size % process_count:
+        raise ValueError(
+            f"data.batch_size={cfg.batch_size} does not divide by process_count={process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+    seed = int(cfg.shuffle_seed if seed is None else seed)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if max(m["num_frames"] for m in split.metadata) > cfg.bucket_boundaries[-1]:
+        raise ValueError(
+            f"{split.path} holds utterances beyond the last bucket: prepare it with train=True"
+        )
+    plan = _TrainPlan(split.num_frames, tuple(cfg.bucket_boundaries), int(cfg.batch_size), seed)
+    assemble = _TrainBatch(split, cfg, plan, seed, process_index, process_count)
+    ds = grain.MapDataset.range(plan.num_batches).shuffle(seed).repeat().map_with_index(assemble)
+    # Small buffers: a 1600-frame batch of 16 is 8 MB; grain's default (500) would hold GBs.
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    if cfg.num_workers > 0:
+        from absl import flags
+
+        # grain 0.2.x reads an absl flag in mp_prefetch; outside an absl app nothing has
+        # parsed flags and it raises UnparsedFlagAccessError. Defaults are what we want.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg.num_workers)))
+    return iter(it_ds)
+
+
+class _EvalBatch:
+    def __init__(self, split: PreparedSplit, cfg, plan: list, process_index: int, process_count: int):
+        self.examples = _source(split)
+        self.plan, self.pi, self.pc = plan, process_index, process_count
+        self.factor, self.bins = int(cfg.subsampling_factor), int(cfg.num_mel_bins)
+
+    def __call__(self, batch_id: int) -> dict:
+        frames, members = self.plan[batch_id]
+        rows = members[self.pi :: self.pc]
+        batch = _empty_batch(rows.size, frames, subsampled_length(frames, self.factor), self.bins)
+        for r, i in enumerate(rows):
+            if i >= 0:
+                ex = self.examples[int(i)]
+                _put_row(batch, r, int(i), ex["features"].astype(np.float32), ex["labels"])
+        return batch
+
+
+def eval_batches(
+    split: PreparedSplit,
+    cfg: ml_collections.ConfigDict,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict]:
+    """Every example exactly once, deterministic order, no augmentation.
+
+    Examples are grouped by padded length (buckets in increasing size, manifest order
+    within a bucket) and cut into global batches of ``cfg.batch_size``; the last batch of
+    each bucket is filled with empty rows (all masks False, ``example_index == -1``).
+    Utterances longer than the last boundary are padded to a multiple of it. Each process
+    gets rows ``[process_index::process_count]``; ``example_index`` maps rows to
+    ``split.metadata``.
+    """
+    validate_data_config(cfg)
+    if cfg.batch_size % process_count:
+        raise ValueError(
+            f"data.batch_size={cfg.batch_size} does not divide by process_count={process_count}"
+        )
+    bounds = tuple(int(b) for b in cfg.bucket_boundaries)
+    padded = [_bucket_frames(int(t), bounds) for t in split.num_frames]
+    plan = []
+    bs = int(cfg.batch_size)
+    for frames in sorted(set(padded)):
+        members = np.asarray([i for i, p in enumerate(padded) if p == frames], np.int64)
+        members = np.concatenate([members, np.full(-members.size % bs, -1, np.int64)])
+        plan.extend((frames, chunk) for chunk in members.reshape(-1, bs))
+    if not plan:
+        return iter(())
+    ds = grain.MapDataset.range(len(plan)).map(_EvalBatch(split, cfg, plan, process_index, process_count))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
