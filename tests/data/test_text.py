@@ -30,6 +30,7 @@ GOLDENS = [
     ("", ""),
     ("?!...", ""),
     ("can''t", "cant"),
+    ("hy\u00adphen\u200bated", "hyphenated"),  # soft hyphen, zero-width space
     ("CHAPTER ONE THE BOY'S DOG", "chapter one the boy's dog"),
 ]
 

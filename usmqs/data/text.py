@@ -16,9 +16,14 @@ __all__ = ["normalize_text"]
 # below see plain ASCII apostrophes and word-separating spaces.
 _APOSTROPHES = "\u2018\u2019\u201b\u02bc\u2032\u0060\u00b4"  # ‘ ’ ‛ ʼ ′ ` ´
 _DOUBLE_QUOTES = "\u201c\u201d\u201e\u201f\u00ab\u00bb\u2033"  # “ ” „ ‟ « » ″
-_DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\u00ad-"  # ‐ ‑ ‒ – — ― − soft hyphen, -
+_DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212-"  # ‐ ‑ ‒ – — ― − -
+_INVISIBLE = "\u00ad\u200b\u200c\u200d\u2060\ufeff"  # soft hyphen, zero-width chars
 _TRANSLATE = str.maketrans(
-    {**{c: "'" for c in _APOSTROPHES}, **{c: " " for c in _DOUBLE_QUOTES + _DASHES}}
+    {
+        **{c: "'" for c in _APOSTROPHES},
+        **{c: " " for c in _DOUBLE_QUOTES + _DASHES},
+        **{c: "" for c in _INVISIBLE},  # they sit inside words: "hy\u00adphen" is one word
+    }
 )
 
 _NOT_KEPT = re.compile(r"[^a-z0-9' ]+")
