@@ -1,13 +1,296 @@
 """Weight compression numerics: N:M masks, fake quantization, straight-through gradients.
 
-Placeholder interface (to be completed): `compressed_weight(w, None, None, ...)` is w.
+Everything here acts on ONE layer's kernel (no stacked 'layers' axis) unless an argument
+says otherwise (`mask_update(..., layer_axes=k)`).
+
+Quantization (per scale group g = one output channel, or one block of K weights along
+the last contraction axis of one output channel), b bits, q_min = −2^(b−1),
+q_max = 2^(b−1) − 1:
+
+    symmetric:   s = max|W_g| / (2^(b−1) − ½),        q = clip(round(W / s), q_min, q_max),
+                 Ŵ = q · s
+    asymmetric:  lo = min(min W_g, 0), hi = max(max W_g, 0),  s = (hi − lo) / (q_max − q_min),
+                 z = clip(round(q_min − lo / s), q_min, q_max),
+                 q = clip(round(W / s + z), q_min, q_max),    Ŵ = (q − z) · s
+
+(round = half to even). These are qwix's equations; int8/int4 (both kinds) and int2
+symmetric go through `qwix.quantize` + `qwix.dequantize` themselves. qwix has no int16
+qtype and refuses asymmetric int2 (`get_asymmetric_bound` knows only int8/int4), so those
+two cases use `_uniform_qdq`, the same equations written out. Tests pin both paths to
+one numpy transcription of these equations, and the qwix path to qwix bit for bit.
+
+int2 symmetric levels: codes {−2, −1, 0, 1} (2-bit two's complement, qwix 'int2'), value
+code · s with s = max|W_g| / 1.5. Since |W / s| <= 1.5 the code −2 is reached only at
+the exact tie W = −max|W_g| (−1.5 rounds half-to-even to −2; +1.5 → 2 is clipped to 1),
+where it has the same error as −1 would. In effect the quantizer is ternary {−s, 0, +s}
+with thresholds ±max|W_g|/3.
+
+Sparsity: `nm_mask` keeps the N largest |w| of every group of M consecutive entries along
+the group axis without sort/argsort/top_k (slow on CPU): with a = |w|,
+
+    rank_i = #{j in group : a_j > a_i  or  (a_j == a_i and j < i)},     keep_i = rank_i < N,
+
+a strict total order, so exactly N are kept even with ties (earlier index wins).
 """
 
 from __future__ import annotations
 
-import jax
+import functools
+import math
+from collections.abc import Sequence
 
-from usmqs.compress.policy import WeightSpec
+import jax
+import jax.numpy as jnp
+import qwix
+
+from usmqs.compress.policy import Every, Gradual, Granularity, MaskSchedule, OneShot, PruneGrad, WeightSpec
+
+# Clip ratios tried per scale group by `WeightSpec.clip_search` (1.0 = no clipping, so
+# the search never does worse than plain absmax/minmax on the weight MSE).
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+
+
+# ---------------------------------------------------------------------------------------
+# Axes
+# ---------------------------------------------------------------------------------------
+
+
+def _norm_axes(axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} out of range for a rank-{ndim} kernel")
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"repeated axis in {axes}")
+    return tuple(out)
+
+
+def quant_axes(
+    shape: Sequence[int], spec: WeightSpec, contract_axes: Sequence[int]
+) -> tuple[tuple[int, ...], dict[int, int]]:
+    """qwix's (channelwise_axes, tiled_axes) for a kernel of `shape`.
+
+    Every non-contraction axis is channelwise (one scale per output channel, also per
+    (head, head_dim) of a [in, H, D] projection). SUB_CHANNEL tiles the last contraction
+    axis (the input-channel axis) in blocks of `block_size`; an axis not longer than the
+    block is one block (per-channel for that layer, e.g. a depthwise conv's in-axis of 1).
+    """
+    ndim = len(shape)
+    contract = _norm_axes(contract_axes, ndim)
+    channel = tuple(a for a in range(ndim) if a not in contract)
+    tiled: dict[int, int] = {}
+    if spec.granularity is Granularity.SUB_CHANNEL:
+        axis = max(contract)
+        k = spec.block_size
+        if shape[axis] > k:
+            if shape[axis] % k:
+                raise ValueError(
+                    f"sub-channel block_size {k} does not divide contraction axis {axis} of kernel {tuple(shape)}"
+                )
+            tiled[axis] = k
+    return channel, tiled
+
+
+def nm_group_axes(spec: WeightSpec, contract_axes: Sequence[int], ndim: int) -> tuple[int, ...]:
+    """Axes (flattened in order) along which N:M groups of M run: spec.nm_axis or contraction."""
+    return _norm_axes(contract_axes if spec.nm_axis is None else spec.nm_axis, ndim)
+
+
+def check_spec(spec: WeightSpec | None, shape: Sequence[int], contract_axes: Sequence[int]) -> None:
+    """Raise ValueError if `spec` cannot apply to a kernel of `shape` (at construction)."""
+    if spec is None:
+        return
+    ndim = len(shape)
+    _norm_axes(contract_axes, ndim)
+    if spec.weight_bits is not None:
+        quant_axes(shape, spec, contract_axes)
+    if spec.nm is not None:
+        nm_group_axes(spec, contract_axes, ndim)
+
+
+# ---------------------------------------------------------------------------------------
+# Fake quantization
+# ---------------------------------------------------------------------------------------
+
+
+def _qwix_qtype(bits: int, symmetric: bool):
+    """qwix qtype for (bits, symmetric), or None where qwix lacks it (int16, asym int2)."""
+    if bits == 8:
+        return jnp.int8
+    if bits == 4:
+        return jnp.int4
+    if bits == 2 and symmetric:
+        return "int2"
+    return None
+
+
+def _split(x: jax.Array, channel: tuple[int, ...], tiled: dict[int, int]):
+    """View x with each tiled axis split into (tiles, tile); return it and the reduce axes.
+
+    Reducing the view over `reduce_axes` (keepdims) gives one value per scale group that
+    broadcasts against the view.
+    """
+    shape, reduce_axes = [], []
+    for a, d in enumerate(x.shape):
+        if a in channel:
+            shape.append(d)
+        elif a in tiled:
+            shape += [d // tiled[a], tiled[a]]
+            reduce_axes.append(len(shape) - 1)
+        else:
+            shape.append(d)
+            reduce_axes.append(len(shape) - 1)
+    return x.reshape(shape), tuple(reduce_axes)
+
+
+def _uniform_qdq(x: jax.Array, bits: int, symmetric: bool, channel, tiled) -> jax.Array:
+    """Quantize-dequantize with qwix's equations (module docstring) for any bit width.
+
+    Used where qwix has no qtype (int16, asymmetric int2).
+    """
+    xs, red = _split(x, channel, tiled)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    tiny_sqrt = jnp.sqrt(jnp.finfo(x.dtype).tiny)
+    if symmetric:
+        scale = jnp.max(jnp.abs(xs), axis=red, keepdims=True) / (qmax + 0.5)
+        scale = jnp.where(scale < tiny_sqrt, jnp.ones_like(scale), scale)
+        q = jnp.clip(jnp.round(xs / scale), qmin, qmax)
+        y = q * scale
+    else:
+        lo = jnp.minimum(jnp.min(xs, axis=red, keepdims=True), 0)
+        hi = jnp.maximum(jnp.max(xs, axis=red, keepdims=True), 0)
+        scale = (hi - lo) / (qmax - qmin)
+        scale = jnp.where(scale < tiny_sqrt, jnp.ones_like(scale), scale)
+        zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
+        q = jnp.clip(jnp.round(xs / scale + zp), qmin, qmax)
+        y = (q - zp) * scale
+    return y.reshape(x.shape)
+
+
+def _qdq(x: jax.Array, bits: int, symmetric: bool, channel, tiled) -> jax.Array:
+    qtype = _qwix_qtype(bits, symmetric)
+    if qtype is None:
+        return _uniform_qdq(x, bits, symmetric, channel, tiled)
+    qa = qwix.quantize(
+        x, qtype, channelwise_axes=channel, tiled_axes=tiled,
+        calibration_method="absmax" if symmetric else "minmax",
+    )
+    return qwix.dequantize(qa)
+
+
+def _clip_searched(x: jax.Array, spec: WeightSpec, channel, tiled) -> jax.Array:
+    """x clipped per scale group to r*·range, r* = argmin_r ||qdq(clip(x, r·range)) − x||².
+
+    Clipping to r·[lo, hi] makes the calibrated range exactly r·[lo, hi], so qwix's own
+    absmax/minmax calibration of the clipped tensor realises the chosen scale. Ties keep
+    the larger r (r = 1 is tried first). Cost: len(CLIP_RATIOS) elementwise qdq passes.
+    """
+    xs, red = _split(x, channel, tiled)
+    if spec.symmetric:
+        hi = jnp.max(jnp.abs(xs), axis=red, keepdims=True)
+        lo = -hi
+    else:
+        lo = jnp.minimum(jnp.min(xs, axis=red, keepdims=True), 0)
+        hi = jnp.maximum(jnp.max(xs, axis=red, keepdims=True), 0)
+    best_err = jnp.full(hi.shape, jnp.inf, x.dtype)
+    best_r = jnp.ones(hi.shape, x.dtype)
+    for r in CLIP_RATIOS:
+        c = jnp.clip(xs, r * lo, r * hi).reshape(x.shape)
+        y, _ = _split(_qdq(c, spec.weight_bits, spec.symmetric, channel, tiled), channel, tiled)
+        err = jnp.sum(jnp.square(y - xs), axis=red, keepdims=True)
+        better = err < best_err
+        best_err = jnp.where(better, err, best_err)
+        best_r = jnp.where(better, jnp.asarray(r, x.dtype), best_r)
+    return jnp.clip(xs, best_r * lo, best_r * hi).reshape(x.shape)
+
+
+def fake_quant(w: jax.Array, spec: WeightSpec, *, contract_axes: Sequence[int]) -> jax.Array:
+    """Ŵ = dequantize(quantize(W)) per `spec` (forward value only, no STE); W if float bits."""
+    if spec.weight_bits is None:
+        return w
+    channel, tiled = quant_axes(w.shape, spec, contract_axes)
+    if spec.clip_search:
+        w = _clip_searched(w, spec, channel, tiled)
+    return _qdq(w, spec.weight_bits, spec.symmetric, channel, tiled)
+
+
+def quantize_weight(
+    w: jax.Array, mask: jax.Array | None, spec: WeightSpec, *, contract_axes: Sequence[int]
+) -> qwix.QArray:
+    """The integer form of W_eff for serving/export: a qwix.QArray with
+
+        qwix.dequantize(quantize_weight(w, mask, spec, ...)) == compressed_weight(w, mask, spec, ...)
+
+    (forward value). qvalue dtype int8 / int4 (int2 stored in int4, qtype 'int2');
+    `zero_point` is set for asymmetric specs. int16 has no QArray form (qwix stores at
+    most one byte per value): ValueError.
+    """
+    if spec.weight_bits is None or spec.weight_bits > 8:
+        raise ValueError(f"no integer QArray form for weight_bits={spec.weight_bits}")
+    x = w if mask is None else jnp.where(mask, w, jnp.zeros_like(w))
+    channel, tiled = quant_axes(x.shape, spec, contract_axes)
+    if spec.clip_search:
+        x = _clip_searched(x, spec, channel, tiled)
+    qtype = _qwix_qtype(spec.weight_bits, spec.symmetric)
+    if qtype is not None:
+        return qwix.quantize(
+            x, qtype, channelwise_axes=channel, tiled_axes=tiled,
+            calibration_method="absmax" if spec.symmetric else "minmax",
+        )
+    # Asymmetric int2: qwix refuses to calibrate it but represents it fine.
+    bits = spec.weight_bits
+    xs, red = _split(x, channel, tiled)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    lo = jnp.minimum(jnp.min(xs, axis=red, keepdims=True), 0)
+    hi = jnp.maximum(jnp.max(xs, axis=red, keepdims=True), 0)
+    scale = (hi - lo) / (qmax - qmin)
+    scale = jnp.where(scale < jnp.sqrt(jnp.finfo(x.dtype).tiny), jnp.ones_like(scale), scale)
+    zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
+    q = jnp.clip(jnp.round(xs / scale + zp), qmin, qmax).reshape(x.shape)
+    # Scale/zero point back to qwix's layout: one entry per group, same rank as x.
+    group_shape = tuple(
+        d if a in channel else (d // tiled[a] if a in tiled else 1) for a, d in enumerate(x.shape)
+    )
+    return qwix.QArray(
+        q.astype(jnp.int4), scale.reshape(group_shape), zp.reshape(group_shape).astype(jnp.int4), "int2"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Prune-then-quantize with straight-through gradients
+# ---------------------------------------------------------------------------------------
+
+
+def _forward(w, mask, spec, contract_axes):
+    x = w if mask is None else jnp.where(mask, w, jnp.zeros_like(w))
+    return fake_quant(x, spec, contract_axes=contract_axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _compressed(w, mask, spec, contract_axes):
+    return _forward(w, mask, spec, contract_axes)
+
+
+def _compressed_fwd(w, mask, spec, contract_axes):
+    keep_w = mask is not None and spec.prune_grad is PruneGrad.SRSTE
+    return _forward(w, mask, spec, contract_axes), (mask, w if keep_w else None)
+
+
+def _compressed_bwd(spec, contract_axes, res, g):
+    del contract_axes
+    mask, w = res
+    if mask is None or spec.prune_grad is PruneGrad.STE:
+        gw = g
+    elif spec.prune_grad is PruneGrad.MASKED:
+        gw = jnp.where(mask, g, jnp.zeros_like(g))
+    else:  # SRSTE: the decay does not depend on g, it is added once per backward pass.
+        gw = g + jnp.asarray(spec.srste_lambda, g.dtype) * jnp.where(mask, jnp.zeros_like(w), w).astype(g.dtype)
+    return gw, None
+
+
+_compressed.defvjp(_compressed_fwd, _compressed_bwd)
 
 
 def compressed_weight(
@@ -17,7 +300,144 @@ def compressed_weight(
     *,
     contract_axes: tuple[int, ...],
 ) -> jax.Array:
-    """W_eff = fake_quant(mask ⊙ W) with STE gradients; `w` itself when spec is None."""
+    """W_eff = fake_quant(mask ⊙ W) with straight-through gradients; `w` itself when spec is None.
+
+    Forward: prune (mask ⊙ W, mask None = keep all), then quantize-dequantize the kept
+    weights per output channel / block (`fake_quant`). Backward, with g = dL/dW_eff:
+
+        STE (or no mask):  dL/dW = g
+        MASKED:            dL/dW = mask ⊙ g
+        SRSTE:             dL/dW = g + λ (1 − mask) ⊙ W        (Zhou et al. 2021)
+
+    Rounding and the quantizer's range are passed straight through (no clipped-range
+    gradient mask), so clip-searched outliers still get gradient. The SR-STE decay is
+    added once per backward pass through this call, independent of loss scaling.
+
+    Args:
+      w: kernel of one layer, float.
+      mask: bool keep-mask of w's shape (from `nm_mask`/`mask_update`), or None.
+      spec: the layer's WeightSpec (static), or None for float.
+      contract_axes: kernel axes contracted with the input (Dense (0,); conv window + in).
+    """
     if spec is None:
         return w
-    raise NotImplementedError("compression numerics are not implemented yet")
+    return _compressed(w, mask, spec, _norm_axes(contract_axes, w.ndim))
+
+
+# ---------------------------------------------------------------------------------------
+# N:M masks and their schedule
+# ---------------------------------------------------------------------------------------
+
+
+def nm_mask(w: jax.Array, n, m: int, axis: int | Sequence[int] = -1) -> jax.Array:
+    """Bool mask keeping the n largest |w| of every group of m consecutive entries.
+
+    Groups run along `axis`; a tuple of axes is flattened in order (row-major, last axis
+    innermost). A row of length L with L % m != 0 ends in a partial group of r = L % m
+    real entries, treated as padded with never-kept virtual entries: it keeps min(n, r).
+    With a = |w| and ties broken by the lower index,
+
+        rank_i = #{j : a_j > a_i or (a_j == a_i and j < i)},    keep_i = rank_i < n,
+
+    so exactly n per full group. O(m²) compares per group, no sort/top_k; `n` may be a
+    traced int (gradual schedules). `m` is static.
+    """
+    if not isinstance(m, int) or m < 1:
+        raise ValueError(f"m must be a positive int, got {m!r}")
+    axes = _norm_axes(axis, w.ndim)
+    rest = tuple(a for a in range(w.ndim) if a not in axes)
+    perm = rest + axes
+    a = jnp.transpose(jnp.abs(w), perm)
+    lead = a.shape[: len(rest)]
+    length = math.prod(a.shape[len(rest):])
+    groups = -(-length // m)
+    a = a.reshape(*lead, length)
+    if groups * m != length:
+        # -1 < |anything|: virtual entries never outrank (nor tie with) a real one.
+        a = jnp.pad(a, [(0, 0)] * len(lead) + [(0, groups * m - length)], constant_values=-1)
+    a = a.reshape(*lead, groups, m)
+    ai, aj = a[..., :, None], a[..., None, :]
+    idx = jnp.arange(m)
+    j_before_i = idx[None, :] < idx[:, None]  # [i, j]
+    rank = jnp.sum((aj > ai) | ((aj == ai) & j_before_i), axis=-1, dtype=jnp.int32)
+    keep = (rank < n).reshape(*lead, groups * m)[..., :length]
+    keep = keep.reshape(tuple(w.shape[p] for p in perm))
+    return jnp.transpose(keep, tuple(perm.index(k) for k in range(w.ndim)))
+
+
+def is_update_step(schedule: MaskSchedule, step) -> jax.Array:
+    """Traced bool: does `schedule` recompute the mask at `step`?
+
+    OneShot: step == at_step. Every: step >= start and (step − start) % every == 0.
+    Gradual: begin <= step <= end and ((step − begin) % every == 0 or step == end).
+    """
+    step = jnp.asarray(step, jnp.int32)
+    if isinstance(schedule, OneShot):
+        return step == schedule.at_step
+    if isinstance(schedule, Every):
+        return (step >= schedule.start) & ((step - schedule.start) % schedule.every == 0)
+    if isinstance(schedule, Gradual):
+        on_grid = (step - schedule.begin) % schedule.every == 0
+        return (step >= schedule.begin) & (step <= schedule.end) & (on_grid | (step == schedule.end))
+    raise TypeError(f"unknown mask schedule {schedule!r}")
+
+
+def keep_count(spec: WeightSpec, step) -> jax.Array:
+    """Traced int32 keep count per group of M at `step`: N, or the Gradual ramp M → N.
+
+    Gradual: n_t = M − ⌊(M − N)(t − begin) / (end − begin)⌋ with t = clip(step, begin, end).
+    """
+    n, m = spec.nm
+    sched = spec.mask_schedule
+    if not isinstance(sched, Gradual):
+        return jnp.asarray(n, jnp.int32)
+    t = jnp.clip(jnp.asarray(step, jnp.int32), sched.begin, sched.end) - sched.begin
+    return (m - ((m - n) * t) // (sched.end - sched.begin)).astype(jnp.int32)
+
+
+def mask_update(
+    w: jax.Array,
+    old_mask: jax.Array,
+    spec: WeightSpec | None,
+    step,
+    *,
+    contract_axes: Sequence[int],
+    layer_axes: int = 0,
+    force: bool = False,
+) -> jax.Array:
+    """The mask after train step `step`: recomputed at schedule points, else `old_mask`.
+
+    Jit-safe with a traced `step`: one `lax.cond` (no recompiles, no host round trip),
+    so off-schedule steps cost nothing but the predicate. At a schedule point
+
+        new = nm_mask(score, keep_count(spec, step), M, group axes)
+        score = W              for STE / SRSTE (pruned weights still learn, may return)
+        score = old_mask ⊙ W   for MASKED (pruned master weights are frozen at stale
+                               values; they stay pruned, so a Gradual ramp is nested)
+
+    Args:
+      w, old_mask: kernel and its mask; with `layer_axes` = k leading stacked axes (scan
+        over layers), the mask is computed per layer over the trailing axes.
+      spec: the layer's WeightSpec; no N:M (or None) returns `old_mask`.
+      step: int or traced int scalar.
+      contract_axes: the per-layer kernel's contraction axes (default group axes).
+      force: recompute now at the final N regardless of the schedule (post-training
+        pruning, export); Python bool.
+    """
+    if spec is None or spec.nm is None:
+        return old_mask
+    m = spec.nm[1]
+    n_t = jnp.asarray(spec.nm[0], jnp.int32) if force else keep_count(spec, step)
+    per_layer_ndim = w.ndim - layer_axes
+    axes = nm_group_axes(spec, contract_axes, per_layer_ndim)
+
+    def compute():
+        score = w if spec.prune_grad is not PruneGrad.MASKED else jnp.where(old_mask, w, jnp.zeros_like(w))
+        fn = lambda s: nm_mask(s, n_t, m, axes)
+        for _ in range(layer_axes):
+            fn = jax.vmap(fn)
+        return fn(score)
+
+    if force:
+        return compute()
+    return jax.lax.cond(is_update_step(spec.mask_schedule, step), compute, lambda: old_mask)

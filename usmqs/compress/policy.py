@@ -1,24 +1,483 @@
-"""Compression policy: an ordered list of frozen rules keyed by module-path regex.
+"""Compression policy: an ordered tuple of frozen rules keyed by module-path regex.
 
-Placeholder interface (to be completed by the compression core).
+A `Rule` has one match key (`module_path`) and behaviour fields (bits, granularity,
+N:M pattern, mask schedule, pruning gradient). `Policy.resolve(path)` returns the
+`WeightSpec` of the FIRST rule whose `module_path` regex `re.fullmatch`es the layer path,
+or None (the layer stays float, bit for bit). A rule with `weight_bits=None` and
+`nm=None` is a "keep float" rule: put it first to exempt layers from a later catch-all.
+
+Paths are the `path=` strings the model hands to `compress.layers.Dense/Conv`, e.g.
+``encoder/blocks/ffn1/w_in``. `re.fullmatch` (as qwix does) means a rule names whole
+paths: ``.*ffn.*`` for a substring, ``encoder/blocks/.*`` for a subtree.
+
+Named policies (`Policy.named`, the DESIGN.md shorthands) compress the WHOLE model as
+USM-Lite does: one catch-all rule ``.*`` over every Dense/Conv -- attention and
+feed-forward projections, the convolution module's point- and depthwise convs, the
+subsampling convs and the CTC head. Per-output-channel symmetric weights, no clip
+search; N:M groups run along the layer's contraction axes (flattened, input channel
+innermost; rows whose length is not a multiple of M end in a padded partial group, see
+`ops.nm_mask`), mask computed one-shot at step 0 from the weights then, gradient only to
+kept weights (`PruneGrad.MASKED`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+class Granularity(enum.Enum):
+    """Which weights share one quantization scale."""
+
+    # One scale per output channel: reduce over all contraction axes of the kernel.
+    PER_CHANNEL = "per_channel"
+    # One scale per block of `block_size` consecutive weights along the last contraction
+    # axis (the input-channel axis), per output channel ("sub-channel" quantization); for
+    # a conv kernel [*window, in, out] a block spans the whole window: [*window, K].
+    SUB_CHANNEL = "sub_channel"
+
+
+class PruneGrad(enum.Enum):
+    """Gradient that reaches the dense master weight W through W_eff = fq(mask ⊙ W)."""
+
+    # dL/dW = mask ⊙ g: pruned weights are frozen (ASP-style fine-tuning of a fixed mask).
+    MASKED = "masked"
+    # dL/dW = g: plain straight-through, pruned weights keep learning and can return
+    # at a later mask recompute.
+    STE = "ste"
+    # dL/dW = g + λ (1 − mask) ⊙ W: SR-STE (Zhou et al. 2021), dense gradient plus a
+    # decay that pulls pruned weights towards 0, so masks settle.
+    SRSTE = "srste"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OneShot:
+    """Compute the mask once, at `step == at_step`; before that the layer is dense."""
+
+    # The train step at which the N:M mask is computed from |W| and then frozen.
+    at_step: int = 0
+
+    def __post_init__(self):
+        _check_int("OneShot.at_step", self.at_step, minimum=0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Every:
+    """Recompute the mask at steps start, start + every, start + 2·every, ...
+
+    Only useful with a dense gradient (`PruneGrad.STE`/`SRSTE`): with `MASKED` the
+    pruned weights are frozen and re-ranking keeps the same set (see `ops.mask_update`).
+    """
+
+    # Recompute period in steps (>= 1).
+    every: int
+    # First recompute step; the layer is dense before it.
+    start: int = 0
+
+    def __post_init__(self):
+        _check_int("Every.every", self.every, minimum=1)
+        _check_int("Every.start", self.start, minimum=0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Gradual:
+    """Prune gradually from dense to N:M between steps `begin` and `end`.
+
+    Keep count per group of M at step t (clamped to [begin, end]):
+
+        n_t = M − ⌊(M − N) · (t − begin) / (end − begin)⌋,    n_begin = M, n_end = N,
+
+    recomputed at begin, begin + every, ... and always at `end`; fixed afterwards.
+    """
+
+    # First step of the ramp (mask all-ones there).
+    begin: int
+    # Step at which the target N:M pattern is reached; the mask is frozen after it.
+    end: int
+    # Recompute period within [begin, end] (end itself is always a recompute step).
+    every: int = 1
+
+    def __post_init__(self):
+        _check_int("Gradual.begin", self.begin, minimum=0)
+        _check_int("Gradual.end", self.end, minimum=0)
+        _check_int("Gradual.every", self.every, minimum=1)
+        if self.end <= self.begin:
+            raise ValueError(f"Gradual needs end > begin, got begin={self.begin}, end={self.end}")
+
+
+MaskSchedule = OneShot | Every | Gradual
+
+SUPPORTED_BITS = (2, 4, 8, 16)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WeightSpec:
-    """What one layer's weight becomes (resolved from the first matching rule)."""
+    """What one layer's weight becomes: the resolved, hashable per-layer setting.
 
+    Hashable and compared by value, so it is a static attribute of jitted code (one
+    compile per distinct spec). W_eff = fake_quant(mask ⊙ W); see `ops.compressed_weight`.
+    """
+
+    # Integer bits of the weight values (2, 4, 8; 16 = near-lossless, for tests), or
+    # None for float values (pruning only).
     weight_bits: int | None = None
+    # Scale sharing: per output channel, or sub-channel blocks along the contraction.
+    granularity: Granularity = Granularity.PER_CHANNEL
+    # Block length K along the last contraction axis for SUB_CHANNEL, else None. If that
+    # axis is not longer than K the block is the whole axis (per-channel for that layer).
+    block_size: int | None = None
+    # Symmetric (scale only, absmax) or asymmetric (scale + zero point, min/max).
+    symmetric: bool = True
+    # Per scale group, pick the clip ratio r in `ops.CLIP_RATIOS` that minimises
+    # ||fq(clip(W, r·range)) − W||²; r = 1 is plain absmax/minmax.
+    clip_search: bool = False
+    # N:M pattern (keep N of every M along `nm_axis`), or None for no pruning.
     nm: tuple[int, int] | None = None
+    # Kernel axis (or axes, flattened in order) along which groups of M run; None = the
+    # layer's contraction axes (input channel innermost).
+    nm_axis: int | tuple[int, ...] | None = None
+    # When the mask is (re)computed from the weights.
+    mask_schedule: MaskSchedule = OneShot()
+    # Gradient to the pruned weights.
+    prune_grad: PruneGrad = PruneGrad.MASKED
+    # SR-STE decay λ (used only with PruneGrad.SRSTE); 2e-4 is Zhou et al.'s default.
+    srste_lambda: float = 2e-4
+
+    def __post_init__(self):
+        _validate_behaviour(self, type(self).__name__)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Payload bits per weight: values (+ log2 M index bits per kept value), no scales.
+
+        int4 + 2:4 = 2·(4 + 2) / 4 = 3 bits (the USM-Lite headline); float = 32.
+        """
+        value_bits = 32 if self.weight_bits is None else self.weight_bits
+        if self.nm is None:
+            return float(value_bits)
+        n, m = self.nm
+        return n * (value_bits + math.ceil(math.log2(m))) / m
+
+
+# Behaviour field names shared by Rule and WeightSpec (everything but the match key).
+_BEHAVIOUR_FIELDS = tuple(f.name for f in dataclasses.fields(WeightSpec))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+    """One policy rule: a match key and the compression it applies.
+
+    Rules are tried in order; the first whose `module_path` regex fully matches a layer
+    path decides that layer (see `Policy.resolve`).
+    """
+
+    ### Match key.
+    # Regex matched with re.fullmatch against the layer path ('encoder/blocks/ffn1/w_in').
+    module_path: str = ".*"
+
+    ### Behaviour (copied into the layer's WeightSpec; see WeightSpec for meanings).
+    # Integer bits of weight values: None (float), 2, 4, 8, or 16 (near-lossless).
+    weight_bits: int | None = None
+    # Per output channel, or sub-channel blocks of `block_size` along the contraction.
+    granularity: Granularity = Granularity.PER_CHANNEL
+    # Block length for SUB_CHANNEL (required there, forbidden otherwise).
+    block_size: int | None = None
+    # Symmetric (absmax scale) or asymmetric (min/max scale + zero point).
+    symmetric: bool = True
+    # Search the per-group clip ratio minimising the quantization MSE.
+    clip_search: bool = False
+    # N:M pattern (N <= M), or None for no pruning.
+    nm: tuple[int, int] | None = None
+    # Group axis (or axes) of the N:M pattern; None = the contraction axes.
+    nm_axis: int | tuple[int, ...] | None = None
+    # When masks are (re)computed: OneShot(at_step) | Every(every, start) | Gradual(...).
+    mask_schedule: MaskSchedule = OneShot()
+    # Gradient to pruned weights: MASKED (0), STE (dense), SRSTE (dense + λ(1−m)⊙W).
+    prune_grad: PruneGrad = PruneGrad.MASKED
+    # SR-STE decay λ (PruneGrad.SRSTE only).
+    srste_lambda: float = 2e-4
+
+    def __post_init__(self):
+        if not isinstance(self.module_path, str):
+            raise TypeError(f"Rule.module_path must be a regex string, got {self.module_path!r}")
+        try:
+            re.compile(self.module_path)
+        except re.error as e:
+            raise ValueError(f"Rule.module_path {self.module_path!r} is not a valid regex: {e}") from e
+        _validate_behaviour(self, "Rule")
+
+    @property
+    def keeps_float(self) -> bool:
+        """True for a rule that leaves its layers float (no bits, no N:M)."""
+        return self.weight_bits is None and self.nm is None
+
+    def spec(self) -> WeightSpec | None:
+        """The WeightSpec this rule gives its layers (None when it keeps them float)."""
+        if self.keeps_float:
+            return None
+        return WeightSpec(**{k: getattr(self, k) for k in _BEHAVIOUR_FIELDS})
+
+
+def _validate_behaviour(obj: Any, owner: str) -> None:
+    """Shared checks of Rule/WeightSpec behaviour fields; normalises lists to tuples."""
+    if obj.weight_bits is not None and obj.weight_bits not in SUPPORTED_BITS:
+        raise ValueError(f"{owner}.weight_bits must be None or one of {SUPPORTED_BITS}, got {obj.weight_bits!r}")
+    if not isinstance(obj.granularity, Granularity):
+        raise TypeError(f"{owner}.granularity must be a Granularity, got {obj.granularity!r}")
+    if obj.granularity is Granularity.SUB_CHANNEL:
+        _check_int(f"{owner}.block_size", obj.block_size, minimum=1)
+    elif obj.block_size is not None:
+        raise ValueError(f"{owner}.block_size is only meaningful with Granularity.SUB_CHANNEL")
+    if obj.nm is not None:
+        nm = tuple(obj.nm)
+        if len(nm) != 2:
+            raise ValueError(f"{owner}.nm must be (N, M), got {obj.nm!r}")
+        _check_int(f"{owner}.nm N", nm[0], minimum=1)
+        _check_int(f"{owner}.nm M", nm[1], minimum=1)
+        if nm[0] > nm[1]:
+            raise ValueError(f"{owner}.nm needs N <= M, got {nm[0]}:{nm[1]}")
+        object.__setattr__(obj, "nm", nm)
+    if isinstance(obj.nm_axis, list):
+        object.__setattr__(obj, "nm_axis", tuple(obj.nm_axis))
+    if not isinstance(obj.mask_schedule, OneShot | Every | Gradual):
+        raise TypeError(f"{owner}.mask_schedule must be OneShot | Every | Gradual, got {obj.mask_schedule!r}")
+    if not isinstance(obj.prune_grad, PruneGrad):
+        raise TypeError(f"{owner}.prune_grad must be a PruneGrad, got {obj.prune_grad!r}")
+    if not obj.srste_lambda >= 0:
+        raise ValueError(f"{owner}.srste_lambda must be >= 0, got {obj.srste_lambda!r}")
+
+
+# The DESIGN.md shorthands: name -> (weight_bits, nm).
+NAMED_POLICIES: dict[str, tuple[int | None, tuple[int, int] | None]] = {
+    "float": (None, None),
+    "int8": (8, None),
+    "int4": (4, None),
+    "int2": (2, None),
+    "2:4": (None, (2, 4)),
+    "1:4": (None, (1, 4)),
+    "int8+2:4": (8, (2, 4)),
+    "int4+2:4": (4, (2, 4)),
+    "int2+2:4": (2, (2, 4)),
+    "int8+1:4": (8, (1, 4)),
+    "int4+1:4": (4, (1, 4)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    rules: tuple = ()
+    """An ordered tuple of rules; the first rule whose regex fully matches a path wins."""
+
+    rules: tuple[Rule, ...] = ()
+
+    def __post_init__(self):
+        rules = tuple(self.rules)
+        for i, r in enumerate(rules):
+            if not isinstance(r, Rule):
+                raise TypeError(f"Policy.rules[{i}] must be a Rule, got {type(r).__name__}")
+        object.__setattr__(self, "rules", rules)
+
+    # ---- construction -------------------------------------------------------------
+
+    @classmethod
+    def named(cls, name: str) -> Policy:
+        """The DESIGN.md shorthand `name` (see module docstring for what it compresses)."""
+        if name not in NAMED_POLICIES:
+            raise ValueError(f"unknown policy name {name!r}; known: {' '.join(NAMED_POLICIES)}")
+        bits, nm = NAMED_POLICIES[name]
+        if bits is None and nm is None:
+            return cls(rules=())
+        return cls(rules=(Rule(module_path=".*", weight_bits=bits, nm=nm),))
+
+    @classmethod
+    def from_config(cls, rules: Iterable[Mapping[str, Any]]) -> Policy:
+        """Policy from config data: a list of dicts with `Rule` field names as keys.
+
+        Enums by value ("per_channel", "sub_channel"; "masked", "ste", "srste"); `nm` as
+        "2:4" or [2, 4]; `mask_schedule` as {"kind": "one_shot"|"every"|"gradual", ...}
+        with that schedule's fields. Unknown keys and values are errors naming the rule.
+        """
+        if isinstance(rules, Mapping | str) or _as_mapping(rules) is not None:
+            raise TypeError("Policy.from_config takes a list of rule dicts")
+        return cls(rules=tuple(_rule_from_dict(i, d) for i, d in enumerate(rules)))
+
+    # ---- resolution ---------------------------------------------------------------
+
+    def match_index(self, path: str) -> int | None:
+        """Index of the first rule whose module_path fully matches `path`, else None."""
+        for i, rule in enumerate(self.rules):
+            if re.fullmatch(rule.module_path, path):
+                return i
+        return None
 
     def resolve(self, path: str) -> WeightSpec | None:
+        """The WeightSpec of `path` (first matching rule), or None: keep the layer float."""
+        i = self.match_index(path)
+        return None if i is None else self.rules[i].spec()
+
+    def check_all_rules_matched(self, paths: Iterable[str]) -> None:
+        """Raise ValueError if some rule decides no layer among `paths`.
+
+        A rule whose regex matches only layers already taken by an earlier rule is dead
+        configuration too; the message says which earlier rule shadows it.
+        """
+        paths = list(paths)
+        winners = {self.match_index(p) for p in paths}
+        problems = []
+        for i, rule in enumerate(self.rules):
+            if i in winners:
+                continue
+            hits = [p for p in paths if re.fullmatch(rule.module_path, p)]
+            if hits:
+                shadow = self.match_index(hits[0])
+                problems.append(
+                    f"rule #{i} (module_path={rule.module_path!r}) matches {len(hits)} layer(s) "
+                    f"(e.g. {hits[0]!r}) but each is taken by an earlier rule, e.g. #{shadow} "
+                    f"(module_path={self.rules[shadow].module_path!r})"
+                )
+            else:
+                problems.append(f"rule #{i} (module_path={rule.module_path!r}) matches no layer")
+        if problems:
+            sample = ", ".join(repr(p) for p in paths[:4]) + (", ..." if len(paths) > 4 else "")
+            raise ValueError(
+                "compression policy has unused rules (regexes use re.fullmatch):\n  "
+                + "\n  ".join(problems)
+                + f"\n  ({len(paths)} layer paths checked: {sample})"
+            )
+
+    # ---- reporting ----------------------------------------------------------------
+
+    def report(self, resolved: Mapping[str, tuple[WeightSpec | None, int]]) -> str:
+        """A text table: rule -> matched layers, parameters, payload bits per weight.
+
+        `resolved` maps layer path -> (spec, number of weight parameters), e.g. from
+        `compress.layers.resolved_layers(model)`. Bits per weight count values plus N:M
+        index bits (`WeightSpec.bits_per_weight`), not scales; float = 32. Layers left
+        float are listed by name at the end.
+        """
+        rows = []
+        counts: dict[int | None, list[int]] = {}  # rule index -> [layers, params, bits]
+        float_paths = []
+        for path, (spec, num_params) in resolved.items():
+            i = self.match_index(path)
+            bpw = 32.0 if spec is None else spec.bits_per_weight
+            c = counts.setdefault(i, [0, 0, 0.0])
+            c[0] += 1
+            c[1] += int(num_params)
+            c[2] += bpw * int(num_params)
+            if spec is None:
+                float_paths.append(path)
+        header = ("#", "module_path", "bits", "N:M", "layers", "params", "bits/weight")
+        for i, rule in enumerate(self.rules):
+            n_layers, n_params, bits = counts.get(i, (0, 0, 0.0))
+            rows.append((
+                str(i), rule.module_path,
+                "float" if rule.weight_bits is None else f"int{rule.weight_bits}",
+                "-" if rule.nm is None else f"{rule.nm[0]}:{rule.nm[1]}",
+                str(n_layers), f"{n_params:,}", f"{bits / n_params:.2f}" if n_params else "-",
+            ))
+        if None in counts:
+            n_layers, n_params, bits = counts[None]
+            rows.append(("-", "(no rule)", "float", "-", str(n_layers), f"{n_params:,}", "32.00"))
+        total_params = sum(c[1] for c in counts.values())
+        total_bits = sum(c[2] for c in counts.values())
+        rows.append((
+            "", "total", "", "", str(sum(c[0] for c in counts.values())), f"{total_params:,}",
+            f"{total_bits / total_params:.2f}" if total_params else "-",
+        ))
+        widths = [max(len(r[k]) for r in (header, *rows)) for k in range(len(header))]
+        fmt = lambda r: "  ".join(s.ljust(w) if k < 4 else s.rjust(w) for k, (s, w) in enumerate(zip(r, widths)))
+        lines = [fmt(header), fmt(tuple("-" * w for w in widths))]
+        lines += [fmt(r) for r in rows]
+        lines.append(f"float layers ({len(float_paths)}): " + (", ".join(float_paths) if float_paths else "none"))
+        return "\n".join(lines)
+
+
+# ---- config parsing -------------------------------------------------------------------
+
+_RULE_FIELDS = tuple(f.name for f in dataclasses.fields(Rule))
+_SCHEDULES = {"one_shot": OneShot, "every": Every, "gradual": Gradual}
+
+
+def _as_mapping(value: Any) -> Mapping | None:
+    """A Mapping view of dict-like config data (ml_collections ConfigDicts are no Mapping)."""
+    if isinstance(value, Mapping):
+        return value
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return None
+
+
+def _enum(cls: type[enum.Enum], value: Any, where: str) -> enum.Enum:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).lower())
+    except ValueError:
+        raise ValueError(f"{where}: {value!r} is not one of {[e.value for e in cls]}") from None
+
+
+def _schedule(value: Any, where: str) -> MaskSchedule:
+    if isinstance(value, OneShot | Every | Gradual):
+        return value
+    value = _as_mapping(value) or value
+    if not isinstance(value, Mapping) or "kind" not in value:
+        raise ValueError(f"{where}: mask_schedule must be a dict with a 'kind' in {list(_SCHEDULES)}, got {value!r}")
+    kind = value["kind"]
+    if kind not in _SCHEDULES:
+        raise ValueError(f"{where}: unknown mask_schedule kind {kind!r}; known: {list(_SCHEDULES)}")
+    cls = _SCHEDULES[kind]
+    known = {f.name for f in dataclasses.fields(cls)}
+    args = {k: v for k, v in value.items() if k != "kind"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} for mask_schedule {kind!r}; known: {sorted(known)}")
+    return cls(**args)
+
+
+def _nm(value: Any, where: str) -> tuple[int, int] | None:
+    if value is None:
         return None
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
+        if not m:
+            raise ValueError(f"{where}: nm must look like '2:4', got {value!r}")
+        return int(m.group(1)), int(m.group(2))
+    if isinstance(value, Sequence) and len(value) == 2:
+        return tuple(value)
+    raise ValueError(f"{where}: nm must be 'N:M' or [N, M], got {value!r}")
+
+
+def _rule_from_dict(i: int, d: Mapping[str, Any]) -> Rule:
+    if isinstance(d, Rule):
+        return d
+    where = f"policy rule #{i}"
+    d = _as_mapping(d) or d
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{where}: expected a dict, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(_RULE_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {list(_RULE_FIELDS)}")
+    kw = dict(d)
+    if "granularity" in kw:
+        kw["granularity"] = _enum(Granularity, kw["granularity"], f"{where} granularity")
+    if "prune_grad" in kw:
+        kw["prune_grad"] = _enum(PruneGrad, kw["prune_grad"], f"{where} prune_grad")
+    if "mask_schedule" in kw:
+        kw["mask_schedule"] = _schedule(kw["mask_schedule"], where)
+    if "nm" in kw:
+        kw["nm"] = _nm(kw["nm"], where)
+    if isinstance(kw.get("nm_axis"), Sequence):
+        kw["nm_axis"] = tuple(kw["nm_axis"])
+    try:
+        return Rule(**kw)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where}: {e}") from e
