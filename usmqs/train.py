@@ -27,6 +27,7 @@ from flax import nnx, struct
 
 from usmqs import sharding as sharding_lib
 from usmqs.compress import masks as masks_lib
+from usmqs.compress.layers import compressible_layers
 from usmqs.compress.policy import Policy
 from usmqs.data import pipeline
 from usmqs.data.tokenizer import Tokenizer
@@ -165,6 +166,14 @@ def build(config, vocab_size: int, mesh=None) -> Setup:
     setup = Setup(graphdef, tx, schedule, mesh, shardings, abstract_state, policy)
     setup.init_fn = jax.jit(init, out_shardings=shardings)
     return setup
+
+
+def describe_policy(config, setup: Setup) -> str:
+    """Rule -> matched layers table; a rule that matches no layer is an error."""
+    abstract_model = nnx.merge(setup.graphdef, setup.abstract_state.params, setup.abstract_state.rest)
+    layers = compressible_layers(abstract_model)
+    setup.policy.check_all_rules_matched(layers)
+    return f"policy {config.policy.name}:\n" + setup.policy.report(layers)
 
 
 def ctc_loss(logits, out_mask, labels, label_mask):
@@ -358,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("train data: %s", pipeline.skip_report(train_split))
 
     setup = build(config, tokenizer.vocab_size)
-    log.info("%s", setup.policy.report_for(setup.graphdef) if hasattr(setup.policy, "report_for") else "")
+    print(describe_policy(config, setup), flush=True)
     step_fn, batch_sh = make_train_step(setup, config)
     mngr = checkpoint_manager(workdir, config)
     it = pipeline.make_train_iterator(
