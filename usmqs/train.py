@@ -199,6 +199,9 @@ def make_train_step(setup: Setup, config):
     graphdef, tx = setup.graphdef, setup.tx
 
     def loss_fn(params, rest, batch, rng):
+        # Fresh Variables at this trace level: `rest` (the masks) was built in the outer
+        # jit trace, and nnx.scan refuses Variables from another trace level.
+        rest = jax.tree.map(lambda x: x, rest)
         model = nnx.merge(graphdef, params, rest)
         logits, out_mask = model(batch["features"], batch["feature_mask"], rng=rng)
         loss, _ = ctc_loss(logits, out_mask, batch["labels"], batch["label_mask"])
@@ -210,7 +213,7 @@ def make_train_step(setup: Setup, config):
         masks_lib.update_masks(model, state.step)
         _, _, rest = nnx.split(model, nnx.Param, ...)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, rest, batch, rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # A non-finite loss or gradient skips the update instead of poisoning the weights.

@@ -1,0 +1,162 @@
+"""The training loop: loss goes down, checkpoints resume exactly, bad input is skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_config
+from usmqs import train
+from usmqs.data import pipeline
+
+
+def _first_batch(cfg, workdir):
+    tok = train.load_or_train_tokenizer(cfg, workdir, cfg.data.train_manifest)
+    split = pipeline.prepare_split(
+        cfg.data.train_manifest, tok, cfg.data, train.cache_dir(cfg, workdir), train=True
+    )
+    it = pipeline.make_train_iterator(split, cfg.data, seed=0)
+    return tok, next(it)
+
+
+def test_ctc_loss_matches_hand_computed_case():
+    # T=2 frames, V=2 (blank=0, a=1), label "a": paths (a,a), (a,_), (_,a).
+    p = np.array([[0.4, 0.6], [0.7, 0.3]])
+    expected = -np.log(0.6 * 0.3 + 0.6 * 0.7 + 0.4 * 0.3)
+    logits = np.log(p)[None].astype(np.float32)
+    loss, n = train.ctc_loss(
+        logits, np.ones((1, 2), bool), np.array([[1]], np.int32), np.ones((1, 1), bool)
+    )
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert int(n) == 1
+    # A padding row (no labels) contributes nothing.
+    loss2, n2 = train.ctc_loss(
+        np.concatenate([logits, logits]),
+        np.ones((2, 2), bool),
+        np.array([[1], [0]], np.int32),
+        np.array([[True], [False]]),
+    )
+    assert float(loss2) == pytest.approx(expected, rel=1e-5) and int(n2) == 1
+
+
+def test_a_few_steps_lower_the_loss(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, steps=30)
+    cfg.model.dropout = 0.0
+    cfg.model.attention_dropout = 0.0
+    cfg.data.spec_augment.enabled = False
+    cfg.train.learning_rate = 3e-3
+    tok, batch = _first_batch(cfg, tmp_path)
+    setup = train.build(cfg, tok.vocab_size)
+    step_fn, batch_sh = train.make_train_step(setup, cfg)
+    state = setup.init_fn(jax.random.PRNGKey(0))
+    dev = train.device_batch(batch, batch_sh)
+    losses = []
+    for _ in range(12):
+        state, m = step_fn(state, dev)
+        losses.append(float(m["loss"]))
+    assert int(state.step) == 12
+    assert losses[-1] < 0.7 * losses[0], losses
+    # One compiled program for the whole run (same bucket shape every step).
+    assert step_fn._cache_size() == 1
+
+
+def test_train_resume_and_eval_outputs(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, steps=6)
+    workdir = tmp_path / "run"
+    cfg.train.num_steps = 4
+    train.train_and_evaluate(cfg, workdir)
+    ckpts = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts[-1] == 4
+    cfg.train.num_steps = 6
+    metrics = train.train_and_evaluate(cfg, workdir)
+    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]  # resumed at 4, not restarted
+    assert metrics["step"] == 6
+    ev = json.loads((workdir / "eval.json").read_text())
+    assert set(ev) >= {"wer", "cer", "num_utterances", "num_words"}
+    assert ev["num_utterances"] == 24
+    preds = [json.loads(l) for l in (workdir / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 24 and set(preds[0]) == {"audio_filepath", "text", "pred_text"}
+
+
+def test_resume_restores_the_exact_state(small_corpus, tmp_path):
+    """Train 6 steps straight vs 3 + resume + 3: identical weights."""
+    cfg = tiny_config(small_corpus, steps=6)
+    cfg.eval.at_end = False
+    train.train_and_evaluate(cfg, tmp_path / "a")
+    cfg.train.num_steps = 3
+    train.train_and_evaluate(cfg, tmp_path / "b")
+    cfg.train.num_steps = 6
+    train.train_and_evaluate(cfg, tmp_path / "b")
+    loss_a = [json.loads(l)["loss"] for l in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    loss_b = [json.loads(l)["loss"] for l in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert loss_a[-1] == pytest.approx(loss_b[-1], rel=1e-5)
+
+
+def test_kill_minus_9_then_rerun_finishes_at_same_step(small_corpus, tmp_path):
+    workdir = tmp_path / "killed"
+    overrides = [
+        f"--config.data.train_manifest={small_corpus['train']}",
+        f"--config.data.eval_manifest={small_corpus['test']}",
+        "--config.data.batch_size=8", "--config.data.vocab_size=40",
+        "--config.train.num_steps=40", "--config.train.checkpoint_every=5",
+        "--config.train.log_every=5", "--config.model.num_layers=1",
+        "--config.model.model_dim=32", "--config.model.num_heads=2",
+        "--config.model.ffn_dim=64", "--config.model.subsample_channels=8",
+        "--config.mesh.data=1", "--config.eval.at_end=false",
+    ]
+    cmd = [sys.executable, "-m", "usmqs", "train", "--config", str(ROOT / "configs/tiny.py"),
+           "--workdir", str(workdir), *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = workdir / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir()):
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]
+    assert done and max(done) < 40
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    final = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    assert final == 40
+
+
+def test_bad_input_is_skipped_and_reported(small_corpus, tmp_path):
+    rows = [json.loads(l) for l in pathlib.Path(small_corpus["train"]).read_text().splitlines()]
+    base = pathlib.Path(small_corpus["train"]).parent
+    for r in rows:
+        r["audio_filepath"] = str(base / r["audio_filepath"])
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF....WAVEfmt garbage" * 10)
+    bad = [
+        {"audio_filepath": str(tmp_path / "missing.wav"), "text": "call mom", "duration": 1.0},
+        {"audio_filepath": str(tmp_path / "empty.wav"), "text": "call mom", "duration": 1.0},
+        {"audio_filepath": str(tmp_path / "corrupt.wav"), "text": "call mom", "duration": 1.0},
+        {"audio_filepath": rows[0]["audio_filepath"], "text": "", "duration": 1.0},
+    ]
+    manifest = tmp_path / "train_bad.jsonl"
+    with open(manifest, "w") as f:
+        for r in rows + bad:
+            f.write(json.dumps(r) + "\n")
+        f.write("{not json\n")
+    cfg = tiny_config({"train": manifest, "test": small_corpus["test"]}, steps=2)
+    cfg.eval.at_end = False
+    train.train_and_evaluate(cfg, tmp_path / "run")
+    tok = train.load_or_train_tokenizer(cfg, tmp_path / "run", str(manifest))
+    split = pipeline.prepare_split(str(manifest), tok, cfg.data, train.cache_dir(cfg, tmp_path / "run"), train=True)
+    assert split.num_examples == len(rows)
+    assert sum(split.skipped.values()) == 5
+    cfg.data.on_bad_input = "error"
+    with pytest.raises(ValueError, match=str(manifest)):
+        pipeline.prepare_split(str(manifest), tok, cfg.data, tmp_path / "fresh_cache", train=True)
