@@ -81,6 +81,13 @@ def cmd_evaluate(args, overrides):
         evaluate.evaluate_workdir(cfg, args.workdir, manifest=args.manifest)
 
 
+def cmd_export(args, overrides):
+    from usmqs.compress import export
+
+    cfg = _workdir_config(args, overrides)
+    export.export_workdir(cfg, args.workdir, index_encoding=args.index_encoding)
+
+
 def main(argv: list[str] | None = None) -> None:
     from usmqs import config as config_lib
 
@@ -116,6 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--manifest", default=None)
     s.add_argument("--export", action="store_true", help="decode from the packed export")
     s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("export", help="packed compressed export of the latest checkpoint")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--config", default="", help="default: the run's own config")
+    s.add_argument(
+        "--index-encoding", choices=("position", "combinatorial"), default="position",
+        help="N:M index layout: per-value positions (hardware 2:4) or per-group ranks",
+    )
+    s.set_defaults(fn=cmd_export)
 
     args = p.parse_args(argv)
     args.fn(args, overrides)
