@@ -66,7 +66,7 @@ def test_a_few_steps_lower_the_loss(small_corpus, tmp_path):
     assert int(state.step) == 12
     assert losses[-1] < 0.7 * losses[0], losses
     # One compiled program for the whole run (same bucket shape every step).
-    assert step_fn._cache_size() == 1
+    assert step_fn.jitted._cache_size() == 1
 
 
 def test_train_resume_and_eval_outputs(small_corpus, tmp_path):

@@ -191,7 +191,7 @@ def evaluate_workdir(config, workdir, *, state=None, setup=None, manifest: str |
         if step is None:
             raise FileNotFoundError(f"{workdir}: no checkpoint to evaluate")
         state, _ = train_lib.restore_state(mngr, step, setup)
-    eval_step = train_lib.make_eval_step(setup)
+    eval_step = train_lib.make_eval_step(setup, config)
     fn = lambda f, m: eval_step(state.params, state.rest, f, m)
     metrics, rows = run_decoding(fn, split, config.data, tokenizer, config.eval)
     metrics["step"] = int(jax.device_get(state.step))

@@ -232,15 +232,28 @@ def make_train_step(setup: Setup, config):
         k: sharding_lib.batch_sharding(setup.mesh, nd, config.mesh.rules)
         for k, nd in (("features", 3), ("feature_mask", 2), ("labels", 2), ("label_mask", 2))
     }
-    return jax.jit(
+    jitted = jax.jit(
         train_step,
         in_shardings=(setup.state_shardings, batch_sh),
         out_shardings=(setup.state_shardings, None),
         donate_argnums=(0,),
-    ), batch_sh
+    )
+    return in_mesh(jitted, setup.mesh, config.mesh.rules), batch_sh
 
 
-def make_eval_step(setup: Setup):
+def in_mesh(fn, mesh, rules):
+    """Call (and so trace) `fn` with the mesh and logical-axis rules active, so that the
+    model's activation sharding constraints resolve (they are no-ops outside)."""
+
+    def wrapped(*args, **kwargs):
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
+            return fn(*args, **kwargs)
+
+    wrapped.jitted = fn
+    return wrapped
+
+
+def make_eval_step(setup: Setup, config):
     graphdef = setup.graphdef
 
     @jax.jit
@@ -249,7 +262,7 @@ def make_eval_step(setup: Setup):
         logits, out_mask = model(features, feature_mask, rng=None)
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), out_mask
 
-    return eval_step
+    return in_mesh(eval_step, setup.mesh, config.mesh.rules)
 
 
 # ----------------------------------------------------------------------- checkpoints

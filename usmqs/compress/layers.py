@@ -133,6 +133,7 @@ class Conv(_Compressible):
         dtype=None,
         param_dtype=jnp.float32,
         kernel_init=nnx.initializers.lecun_normal(),
+        bias_init=nnx.initializers.zeros_init(),
         rngs: nnx.Rngs,
     ):
         ks = tuple(kernel_size)
@@ -146,7 +147,10 @@ class Conv(_Compressible):
             tuple(range(len(ks) + 1)),
         )
         self.bias = (
-            nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(kernel_axes[-1],), eager_sharding=False)
+            nnx.Param(
+                bias_init(rngs.params(), (out_features,), param_dtype),
+                out_sharding=(kernel_axes[-1],), eager_sharding=False,
+            )
             if use_bias
             else None
         )

@@ -146,6 +146,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             shuffle_seed=0,  # used when make_train_iterator gets no explicit seed
             num_workers=0,  # processes for feature extraction and batch assembly; 0 = inline
             subsampling_factor=4,  # the encoder's time reduction, 2**k (k stride-2 convs)
+            feature_norm="utterance",  # 'utterance': per-utterance, per-bin mean/variance; 'none'
         )
     )
 
@@ -164,6 +165,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.on_bad_input must be 'skip' or 'error', got {cfg.on_bad_input!r}")
     if cfg.tokenizer_type not in MODEL_TYPES:
         raise ValueError(f"data.tokenizer_type must be one of {MODEL_TYPES}, got {cfg.tokenizer_type!r}")
+    if cfg.feature_norm not in ("utterance", "none"):
+        raise ValueError(f"data.feature_norm must be 'utterance' or 'none', got {cfg.feature_norm!r}")
     factor = int(cfg.subsampling_factor)
     if factor < 1 or factor & (factor - 1):
         raise ValueError(f"data.subsampling_factor must be a power of 2, got {factor}")
@@ -603,6 +606,23 @@ def _empty_batch(rows: int, frames: int, labels: int, bins: int) -> dict:
     }
 
 
+def normalize_features(feats: np.ndarray, kind: str) -> np.ndarray:
+    """[T, F] -> float32 [T, F]; 'utterance': each bin to zero mean, unit variance over T.
+
+    Applied before SpecAugment, so its masks (value 0) hold the utterance mean. Without
+    it the masks hold a level far above the mean log-energy, and a fully masked window
+    reaches the encoder as an all-zero vector, whose LayerNorm gradient is ~1/sqrt(eps).
+    """
+    feats = feats.astype(np.float32)
+    if kind == "none":
+        return feats
+    if kind != "utterance":
+        raise ValueError(f"data.feature_norm must be 'utterance' or 'none', got {kind!r}")
+    mean = feats.mean(axis=0, keepdims=True)
+    std = feats.std(axis=0, keepdims=True)
+    return (feats - mean) / (std + 1e-5)
+
+
 def _put_row(batch: dict, row: int, index: int, feats: np.ndarray, labels: np.ndarray) -> None:
     t = min(feats.shape[0], batch["features"].shape[1])
     n = min(labels.shape[0], batch["labels"].shape[1])  # eval only may cut labels
@@ -672,6 +692,7 @@ class _TrainBatch:
         self.factor = int(cfg.subsampling_factor)
         self.bins = int(cfg.num_mel_bins)
         self.pi, self.pc = pi, pc  # process index, process count
+        self.norm = cfg.feature_norm
         sa = cfg.spec_augment
         self.augment = dict(
             freq_masks=int(sa.freq_masks),
@@ -689,7 +710,7 @@ class _TrainBatch:
         batch = _empty_batch(rows.size, frames, subsampled_length(frames, self.factor), self.bins)
         for r, i in enumerate(rows):
             ex = self.examples[int(i)]
-            feats = ex["features"].astype(np.float32)
+            feats = normalize_features(ex["features"], self.norm)
             if self.augment is not None:
                 # Keyed by (step, row of the global batch): independent of process count,
                 # prefetching and restarts.
@@ -775,6 +796,7 @@ class _EvalBatch:
         self.examples = _source(split)
         self.plan, self.pi, self.pc = plan, process_index, process_count
         self.factor, self.bins = int(cfg.subsampling_factor), int(cfg.num_mel_bins)
+        self.norm = cfg.feature_norm
 
     def __call__(self, batch_id: int) -> dict:
         frames, members = self.plan[batch_id]
@@ -783,7 +805,7 @@ class _EvalBatch:
         for r, i in enumerate(rows):
             if i >= 0:
                 ex = self.examples[int(i)]
-                _put_row(batch, r, int(i), ex["features"].astype(np.float32), ex["labels"])
+                _put_row(batch, r, int(i), normalize_features(ex["features"], self.norm), ex["labels"])
         return batch
 
 

@@ -266,6 +266,11 @@ def _fold(key: jax.Array | None, data: int) -> jax.Array | None:
 _SPLIT_OUT_INIT = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
 
 
+def _fan_in_uniform(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
@@ -314,13 +319,18 @@ class ConvSubsampling(nnx.Module):
         f_out = subsampled_length(cfg.num_mel_bins)
         if f_out < 1:
             raise ValueError(f"num_mel_bins={cfg.num_mel_bins} too small for 4x subsampling")
+        # Non-zero biases (PyTorch's conv default, U(+-1/sqrt(fan_in))): with zero biases a
+        # window of constant zeros (a SpecAugment mask) reaches the first LayerNorm as an
+        # all-zero vector, whose gradient is ~1/sqrt(eps) and swamps the whole update.
         self.conv1 = Conv(
             1, c, (3, 3), strides=(2, 2), padding="VALID", path="subsample/conv1", policy=policy,
-            kernel_axes=("conv_window", "conv_freq", None, "conv_out"), dtype=dt, rngs=rngs,
+            kernel_axes=("conv_window", "conv_freq", None, "conv_out"), dtype=dt,
+            bias_init=_fan_in_uniform(9), rngs=rngs,
         )
         self.conv2 = Conv(
             c, c, (3, 3), strides=(2, 2), padding="VALID", path="subsample/conv2", policy=policy,
-            kernel_axes=("conv_window", "conv_freq", "conv_in", "conv_out"), dtype=dt, rngs=rngs,
+            kernel_axes=("conv_window", "conv_freq", "conv_in", "conv_out"), dtype=dt,
+            bias_init=_fan_in_uniform(9 * c), rngs=rngs,
         )
         self.proj = Dense(
             f_out * c, cfg.model_dim, path="subsample/proj", policy=policy,
