@@ -160,3 +160,38 @@ def test_bad_input_is_skipped_and_reported(small_corpus, tmp_path):
     cfg.data.on_bad_input = "error"
     with pytest.raises(ValueError, match=str(manifest)):
         pipeline.prepare_split(str(manifest), tok, cfg.data, tmp_path / "fresh_cache", train=True)
+
+
+def test_init_from_loads_float_weights_and_ptq_masks(small_corpus, tmp_path):
+    from flax import nnx
+
+    from usmqs.compress import ops
+    from usmqs.compress.layers import SparsityMask
+
+    cfg = tiny_config(small_corpus, steps=2)
+    cfg.eval.at_end = False
+    train.train_and_evaluate(cfg, tmp_path / "float")
+    qcfg = tiny_config(small_corpus, policy="int4+2:4", steps=0)
+    qcfg.init_from = str(tmp_path / "float")
+    metrics = train.train_and_evaluate(qcfg, tmp_path / "ptq")
+    assert metrics["step"] == 0 and 0.0 <= metrics["wer"]
+    assert (tmp_path / "ptq/tokenizer.model").read_bytes() == (tmp_path / "float/tokenizer.model").read_bytes()
+
+    tok = train.load_or_train_tokenizer(cfg, tmp_path / "float", "")
+    fsetup = train.build(cfg, tok.vocab_size)
+    qsetup = train.build(qcfg, tok.vocab_size)
+    fstate, _ = train.restore_state(train.checkpoint_manager(tmp_path / "float", cfg), 2, fsetup)
+    qstate, _ = train.restore_state(train.checkpoint_manager(tmp_path / "ptq", qcfg), 0, qsetup)
+    for a, b in zip(jax.tree.leaves(fstate.params), jax.tree.leaves(qstate.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    masks = jax.tree.leaves(qstate.rest)
+    assert masks, "int4+2:4 must have masks"
+    model = nnx.merge(qsetup.graphdef, qstate.params, qstate.rest)
+    w = model.blocks.ffn1.w_in.kernel[...]  # [L, in, out]: groups of 4 along `in`
+    m = np.asarray(model.blocks.ffn1.w_in.mask[...])
+    assert (m.reshape(m.shape[0], -1, 4, m.shape[-1]).sum(axis=2) == 2).all()
+    # The kept ones are the two largest magnitudes of each group.
+    wg = np.abs(np.asarray(w)).reshape(m.shape[0], -1, 4, m.shape[-1])
+    kept_min = np.where(m.reshape(wg.shape), wg, np.inf).min(axis=2)
+    dropped_max = np.where(~m.reshape(wg.shape), wg, -np.inf).max(axis=2)
+    assert (kept_min >= dropped_max).all()

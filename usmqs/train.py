@@ -10,6 +10,7 @@ from the latest checkpoint (step, optimizer, RNG, data position).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -311,7 +312,11 @@ def save_state(mngr, state: TrainState, data_state: dict) -> None:
 
 
 def load_float_weights(setup: Setup, state: TrainState, src: str) -> TrainState:
-    """`init_from`: take another run's weights (latest checkpoint); masks from them at step 0."""
+    """`init_from`: another run's weights (its latest checkpoint), straight into this run's
+    shardings; its optimizer state and masks are not read. Masks are then computed from
+    the loaded weights (the final N:M pattern, as at step 0), so a run with 0 steps is
+    post-training compression of the source model.
+    """
     src_dir = pathlib.Path(src)
     mngr = ocp.CheckpointManager((src_dir / "checkpoints").absolute())
     step = mngr.latest_step()
@@ -322,18 +327,37 @@ def load_float_weights(setup: Setup, state: TrainState, src: str) -> TrainState:
         setup.abstract_state.params,
         setup.state_shardings.params,
     )
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item={"params": target},
-                restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), {"params": setup.state_shardings.params}),
-                partial_restore=True,
-            )
-        ),
-    )
-    log.info("init_from %s: loaded float weights of step %d", src, step)
-    return state.replace(params=restored.state["params"])
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), setup.state_shardings.params)
+    try:
+        restored = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": target},
+                    restore_args={"params": restore_args},
+                    partial_restore=True,
+                )
+            ),
+        )
+    except (ValueError, KeyError) as e:
+        raise ValueError(
+            f"init_from={src}: its checkpoint does not fit this model (preset or vocab differ?): {e}"
+        ) from e
+    mngr.close()
+    log.info("init_from %s: loaded weights of step %d", src, step)
+    return init_masks(setup, state.replace(params=restored.state["params"]))
+
+
+def init_masks(setup: Setup, state: TrainState) -> TrainState:
+    """Compute every N:M mask from the current weights now (final pattern)."""
+
+    @functools.partial(jax.jit, out_shardings=setup.state_shardings.rest)
+    def compute(params, rest):
+        model = nnx.merge(setup.graphdef, params, rest)
+        masks_lib.update_masks(model, jnp.zeros((), jnp.int32), force=True)
+        return nnx.split(model, nnx.Param, ...)[2]
+
+    return state.replace(rest=compute(state.params, state.rest))
 
 
 # ----------------------------------------------------------------------------- loop
@@ -423,6 +447,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         writer.add_scalar(f"train/{k}", m[k], step + 1)
             if (step + 1) % config.train.checkpoint_every == 0 or last:
                 save_state(mngr, state, it.get_state())
+    if mngr.latest_step() != int(jax.device_get(state.step)):
+        save_state(mngr, state, it.get_state())  # e.g. 0 steps: post-training compression
     if writer is not None:
         writer.close()
     mngr.close()
