@@ -1,0 +1,60 @@
+"""The quick compression study: configs/tiny.py's model on the embedded corpus, on CPU.
+
+    usmqs study --config configs/study_demo.py --workdir runs/demo      # = make demo
+    usmqs study --config configs/study_demo.py:settings=int8/int4+2:4 --workdir runs/two
+    usmqs study --config configs/study_demo.py:runlocal --workdir /tmp/study_smoke
+
+Float baseline (configs/tiny.py's recipe, `train.num_steps`), then for each of the
+paper's ten settings PTQ (0 steps) and QAT (`study.finetune_steps`, a quarter of the
+baseline, at a quarter of its peak LR), plus the fine-tuned float control: 22 runs.
+Writes results.json, report.md and pareto.png in the workdir (usmqs/study.py).
+
+Colon arguments (comma-separated): ``settings=A/B/...`` policy NAMEs separated by '/'
+(default: all ten); ``runlocal``: a minutes-long smoke run (few steps, two settings).
+Single values: ``--config.train.num_steps=``, ``--config.study.finetune_steps=``,
+``--config.study.finetune.learning_rate=``, ...
+
+Compile time: two length buckets (the corpus's utterances are 0.7-3.9 s) so each run
+compiles two train-step shapes instead of three; the persistent compilation cache
+(``study.compile_cache_dir``) makes a resumed or repeated run load them instead.
+"""
+
+import importlib.util
+import pathlib
+
+from usmqs.config import parse_arg
+from usmqs.study import default_study_config
+
+
+def _tiny_config():
+    # One source for the model and the float recipe: configs/tiny.py.
+    path = pathlib.Path(__file__).with_name("tiny.py")
+    spec = importlib.util.spec_from_file_location("usmqs_config_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(None)
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    c = _tiny_config()
+    c.policy.name = "float"
+    # Two padded lengths (10 ms frames): each is one compiled shape per run.
+    c.data.bucket_boundaries = (250, 400)
+    c.data.max_frames = 400
+
+    c.study = default_study_config()
+    c.study.finetune_steps = max(c.train.num_steps // 4, 1)
+    c.study.finetune.learning_rate = c.train.learning_rate / 4
+    c.study.finetune.warmup_steps = max(c.study.finetune_steps // 10, 1)
+
+    if args.get("runlocal"):
+        c.train.num_steps = 40
+        c.train.warmup_steps = 10
+        c.train.checkpoint_every = 20
+        c.study.finetune_steps = 10
+        c.study.finetune.warmup_steps = 2
+        c.study.settings = ("int8", "int4+2:4")
+    if "settings" in args:
+        c.study.settings = tuple(s for s in str(args["settings"]).split("/") if s)
+    return c
