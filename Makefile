@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: install
-	$(PY) -m usmqs train --config configs/tiny.py --workdir runs/demo/float
+	$(PY) -m usmqs study --config configs/study_demo.py --workdir runs/demo
 
 test: install
 	$(PY) -m pytest -n 2 tests
