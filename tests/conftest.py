@@ -28,6 +28,9 @@ def tiny_config(corpus: dict, *, policy: str = "float", steps: int = 8, **model)
         f"data.eval_manifest={corpus['test']}",
         "data.batch_size=8",
         "data.vocab_size=40",
+        # One length bucket: one compiled train step per run keeps the suite fast.
+        "data.bucket_boundaries=(450,)",
+        "data.max_frames=450",
         f"train.num_steps={steps}",
         "train.warmup_steps=2",
         "train.log_every=2",

@@ -248,6 +248,18 @@ def test_eval_split_keeps_scorable_utterances(corpus):
     assert again == [b["example_index"].tolist() for b in pipeline.eval_batches(split, _cfg())]
 
 
+def test_feature_normalization_per_utterance_and_bin():
+    rng = np.random.default_rng(0)
+    feats = (rng.standard_normal((50, 8)) * 3 - 7).astype(np.float16)
+    out = pipeline.normalize_features(feats, "utterance")
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=0), 1.0, atol=1e-3)
+    np.testing.assert_array_equal(pipeline.normalize_features(feats, "none"), feats.astype(np.float32))
+    with pytest.raises(ValueError, match="feature_norm"):
+        pipeline.normalize_features(feats, "global")
+
+
 def test_eval_batches_are_the_stored_features(corpus):
     split = corpus["split"]
     batch = next(iter(pipeline.eval_batches(split, _cfg())))
@@ -257,7 +269,8 @@ def test_eval_batches_are_the_stored_features(corpus):
     for row, idx in enumerate(batch["example_index"]):
         ex = pipeline.decode_example(source[int(idx)])
         t, n = ex["features"].shape[0], ex["labels"].size
-        np.testing.assert_array_equal(batch["features"][row, :t], ex["features"].astype(np.float32))
+        expected = pipeline.normalize_features(ex["features"], _cfg().feature_norm)
+        np.testing.assert_array_equal(batch["features"][row, :t], expected)
         np.testing.assert_array_equal(batch["labels"][row, :n], ex["labels"])
         assert batch["label_mask"][row].sum() == n and not batch["labels"][row, n:].any()
 
