@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from usmqs import config as config_lib  # noqa: E402
 from usmqs import train  # noqa: E402
+from usmqs.compress.policy import NAMED_POLICIES  # noqa: E402
 
 
 def make_batch(cfg, batch_size: int, frames: int, vocab: int, seed: int = 0) -> dict:
@@ -41,6 +42,9 @@ def make_batch(cfg, batch_size: int, frames: int, vocab: int, seed: int = 0) -> 
 def build_step(preset: str, policy: str, batch: dict, vocab: int, overrides: list[str]):
     cfg = config_lib.base_config(preset)
     cfg.policy.name = policy
+    if policy not in NAMED_POLICIES:  # e.g. int2+1:4: "intB+N:M" as one whole-model rule
+        bits, nm = policy.removeprefix("int").split("+")
+        cfg.policy.rules = ({"module_path": ".*", "weight_bits": int(bits), "nm": nm},)
     cfg.mesh.data = 1
     config_lib.apply_overrides(cfg, overrides)
     setup = train.build(cfg, vocab, mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")))
