@@ -88,6 +88,46 @@ def cmd_export(args, overrides):
     export.export_workdir(cfg, args.workdir, index_encoding=args.index_encoding)
 
 
+def cmd_compile(args, overrides):
+    import json
+
+    if args.fake_devices:
+        # XLA reads the host device count when JAX creates its CPU client: set it first,
+        # or run again in a fresh process when something already created it.
+        from usmqs import compile as compile_lib
+
+        if not compile_lib.use_fake_devices(args.fake_devices):
+            raise SystemExit(compile_lib.reexec_with_fake_devices(args.fake_devices, args.argv))
+    from usmqs import compile as compile_lib
+
+    cfg = _config(args, overrides)
+    report = compile_lib.run(
+        cfg, mesh=compile_lib.parse_mesh(args.mesh), vocab_size=args.vocab_size,
+        frames=args.frames, with_init=not args.no_init,
+    )
+    print(json.dumps(report, indent=2), flush=True)
+
+
+def cmd_study(args, overrides):
+    import pathlib
+
+    from usmqs import study
+
+    cfg = _config(args, overrides)
+    path, sep, arg = args.config.partition(":")
+    spec = str(pathlib.Path(path).resolve()) + sep + arg
+    study.run_study(cfg, args.workdir, config_spec=spec, overrides=overrides)
+
+
+def cmd_demo(args, overrides):
+    import pathlib
+
+    args.config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "study_demo.py")
+    if not pathlib.Path(args.config).is_file():
+        raise SystemExit(f"{args.config} not found: `usmqs demo` runs from a source checkout")
+    cmd_study(args, overrides)
+
+
 def main(argv: list[str] | None = None) -> None:
     from usmqs import config as config_lib
 
@@ -133,7 +173,35 @@ def main(argv: list[str] | None = None) -> None:
     )
     s.set_defaults(fn=cmd_export)
 
+    s = sub.add_parser(
+        "compile", help="ahead-of-time compile of the train step for a mesh, no weights",
+        description="Prints JSON: params, devices, mesh, per_device_bytes, "
+        "peak_bytes_per_device (= arguments + temporaries + outputs - aliased), "
+        "lower_seconds, compile_seconds.",
+    )
+    s.add_argument("--config", required=True, help="configs/x.py[:arg]")
+    s.add_argument("--mesh", default="", help="AXIS=N,... over data, fsdp, tensor (-1 = rest)")
+    s.add_argument("--fake-devices", type=int, default=0, help="compile for N CPU devices")
+    s.add_argument("--frames", type=int, default=None, help="padded frames (default: last bucket)")
+    s.add_argument("--vocab-size", type=int, default=None, help="default: data.vocab_size")
+    s.add_argument("--no-init", action="store_true", help="skip compiling the sharded init")
+    s.set_defaults(fn=cmd_compile)
+
+    s = sub.add_parser(
+        "study", help="the compression study: float, PTQ + QAT per setting, report",
+        description="Trains (or resumes) every run of the study in WORKDIR and writes "
+        "WORKDIR/results.json, report.md and pareto.png; rerun to resume.",
+    )
+    s.add_argument("--config", required=True, help="configs/study_*.py[:arg]")
+    s.add_argument("--workdir", required=True)
+    s.set_defaults(fn=cmd_study)
+
+    s = sub.add_parser("demo", help="the quick study (configs/study_demo.py) into runs/demo")
+    s.add_argument("--workdir", default="runs/demo")
+    s.set_defaults(fn=cmd_demo)
+
     args = p.parse_args(argv)
+    args.argv = [*argv, *(f"--config.{o}" for o in overrides)]  # to re-execute itself
     args.fn(args, overrides)
 
 

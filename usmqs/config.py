@@ -101,7 +101,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def base_config(preset: str) -> ml_collections.ConfigDict:
     """The full set of keys every experiment has; config files adjust values."""
-    from usmqs import sharding
+    from usmqs import distributed, sharding
     from usmqs.data import pipeline
     from usmqs.models import presets
 
@@ -133,5 +133,6 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     c.policy = ml_collections.ConfigDict(dict(name="float", rules=()))
     c.eval = ml_collections.ConfigDict(dict(decoder="greedy", beam_size=8, at_end=True))
     c.mesh = sharding.mesh_config()
+    c.distributed = distributed.distributed_config()  # multi-process start-up
     return c
 

@@ -172,17 +172,20 @@ def evaluate_workdir(config, workdir, *, state=None, setup=None, manifest: str |
 
     import jax
 
+    from usmqs import distributed
     from usmqs import train as train_lib
     from usmqs.data import pipeline
     from usmqs.data.tokenizer import Tokenizer
 
+    distributed.maybe_initialize(config)  # a no-op when already joined (or one process)
     workdir = pathlib.Path(workdir)
     tokenizer = Tokenizer.load(workdir / train_lib.TOKENIZER_FILE)
-    if manifest is None:
-        _, manifest = train_lib.resolve_manifests(config)
-    split = pipeline.prepare_split(
-        manifest, tokenizer, config.data, train_lib.cache_dir(config, workdir), train=False
-    )
+    with distributed.primary_first("prepare_eval_data"):  # the others reuse its cache
+        if manifest is None:
+            _, manifest = train_lib.resolve_manifests(config)
+        split = pipeline.prepare_split(
+            manifest, tokenizer, config.data, train_lib.cache_dir(config, workdir), train=False
+        )
     if setup is None:
         setup = train_lib.build(config, tokenizer.vocab_size)
     if state is None:
@@ -195,7 +198,8 @@ def evaluate_workdir(config, workdir, *, state=None, setup=None, manifest: str |
     fn = lambda f, m: eval_step(state.params, state.rest, f, m)
     metrics, rows = run_decoding(fn, split, config.data, tokenizer, config.eval)
     metrics["step"] = int(jax.device_get(state.step))
-    write_results(workdir, metrics, rows)
+    if jax.process_index() == 0:  # every process decodes; one writes
+        write_results(workdir, metrics, rows)
     print(
         f"eval: WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
         f"({metrics['num_utterances']} utterances, {metrics['num_words']} words)",

@@ -9,6 +9,7 @@ from the latest checkpoint (step, optimizer, RNG, data position).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,6 +27,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx, struct
 
+from usmqs import distributed
 from usmqs import sharding as sharding_lib
 from usmqs.compress import masks as masks_lib
 from usmqs.compress.layers import compressible_layers
@@ -250,14 +252,22 @@ def in_mesh(fn, mesh, rules):
         with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
             return fn(*args, **kwargs)
 
+    def lower(*args, **kwargs):  # ahead-of-time: ShapeDtypeStructs with shardings
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
+            return fn.lower(*args, **kwargs)
+
     wrapped.jitted = fn
+    wrapped.lower = lower
     return wrapped
 
 
 def make_eval_step(setup: Setup, config):
     graphdef = setup.graphdef
 
-    @jax.jit
+    # Replicated outputs, so that every process can read them for host-side decoding.
+    replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+
+    @functools.partial(jax.jit, out_shardings=replicated)
     def eval_step(params, rest, features, feature_mask):
         model = nnx.merge(graphdef, params, rest)
         logits, out_mask = model(features, feature_mask, rng=None)
@@ -393,17 +403,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (resuming from `workdir` when it holds checkpoints), then evaluate.
 
     Returns the evaluation metrics (also written to `workdir/eval.json`).
+    With several processes (`usmqs.distributed`) every process calls this; process 0
+    writes the single-copy files (config.json, metrics.jsonl, TensorBoard, eval outputs).
     """
     from usmqs import evaluate as evaluate_lib
 
+    distributed.maybe_initialize(config)
+    primary = distributed.is_primary()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    train_manifest, eval_manifest = resolve_manifests(config)
-    tokenizer = load_or_train_tokenizer(config, workdir, train_manifest)
-    train_split = pipeline.prepare_split(
-        train_manifest, tokenizer, config.data, cache_dir(config, workdir), train=True
-    )
+    if primary:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    with distributed.primary_first("prepare_data"):  # the others then reuse its files
+        train_manifest, eval_manifest = resolve_manifests(config)
+        tokenizer = load_or_train_tokenizer(config, workdir, train_manifest)
+        train_split = pipeline.prepare_split(
+            train_manifest, tokenizer, config.data, cache_dir(config, workdir), train=True
+        )
     log.info("train data: %s", pipeline.skip_report(train_split))
 
     setup = build(config, tokenizer.vocab_size)
@@ -428,7 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = int(jax.device_get(state.step))
     progress = Progress(num_steps, start, label=config.get("label", ""))
     writer = _summary_writer(workdir)
-    with open(workdir / "metrics.jsonl", "a") as mfile:
+    with open(workdir / "metrics.jsonl", "a") if primary else contextlib.nullcontext() as mfile:
         pending = None
         for step in range(start, num_steps):
             batch = device_batch(next(it), batch_sh)
@@ -440,8 +456,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 m["lr"] = float(setup.schedule(step))
                 m["step"] = step + 1
                 print(progress.line(step + 1, m["loss"], m["lr"]), flush=True)
-                mfile.write(json.dumps(m) + "\n")
-                mfile.flush()
+                if mfile is not None:
+                    mfile.write(json.dumps(m) + "\n")
+                    mfile.flush()
                 if writer is not None:
                     for k in ("loss", "grad_norm", "lr"):
                         writer.add_scalar(f"train/{k}", m[k], step + 1)
