@@ -171,9 +171,6 @@ def test_bad_input_is_skipped_and_reported(small_corpus, tmp_path):
 def test_init_from_loads_float_weights_and_ptq_masks(small_corpus, tmp_path):
     from flax import nnx
 
-    from usmqs.compress import ops
-    from usmqs.compress.layers import SparsityMask
-
     cfg = tiny_config(small_corpus, steps=2)
     cfg.eval.at_end = False
     train.train_and_evaluate(cfg, tmp_path / "float")

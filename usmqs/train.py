@@ -34,7 +34,6 @@ from usmqs.compress.layers import compressible_layers
 from usmqs.compress.policy import Policy
 from usmqs.data import pipeline
 from usmqs.data.tokenizer import Tokenizer
-from usmqs.models import presets
 from usmqs.models.conformer import ConformerCTC
 
 log = logging.getLogger("usmqs.train")

@@ -280,15 +280,9 @@ def _write_run(workdir: pathlib.Path, cfg):
     setup = train.build(cfg, tok.vocab_size)
     state = setup.init_fn(jax.random.PRNGKey(0))
 
-    @jax.jit
-    def prune(params, rest):
-        model = nnx.merge(setup.graphdef, params, rest)
-        masks.update_masks(model, 0, force=True)
-        return nnx.split(model, nnx.Param, ...)[1:]
-
-    params, rest = prune(state.params, state.rest)
+    state = train.init_masks(setup, state)  # one-shot masks from the initial weights
     mngr = train.checkpoint_manager(workdir, cfg)
-    train.save_state(mngr, state.replace(params=params, rest=rest, step=jnp.asarray(3, jnp.int32)), {})
+    train.save_state(mngr, state.replace(step=jnp.asarray(3, jnp.int32)), {})
     mngr.close()
     return setup
 
