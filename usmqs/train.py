@@ -444,14 +444,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = Progress(num_steps, start, label=config.get("label", ""))
     writer = _summary_writer(workdir)
     with open(workdir / "metrics.jsonl", "a") if primary else contextlib.nullcontext() as mfile:
-        pending = None
         for step in range(start, num_steps):
             batch = device_batch(next(it), batch_sh)
             state, metrics = step_fn(state, batch)
-            pending = (step + 1, metrics)
             last = step + 1 == num_steps
             if (step + 1) % config.train.log_every == 0 or last:
-                m = {k: float(v) for k, v in jax.device_get(pending[1]).items()}
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 m["lr"] = float(setup.schedule(step))
                 m["step"] = step + 1
                 print(progress.line(step + 1, m["loss"], m["lr"]), flush=True)
