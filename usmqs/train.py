@@ -201,9 +201,6 @@ def make_train_step(setup: Setup, config):
     graphdef, tx = setup.graphdef, setup.tx
 
     def loss_fn(params, rest, batch, rng):
-        # Fresh Variables at this trace level: `rest` (the masks) was built in the outer
-        # jit trace, and nnx.scan refuses Variables from another trace level.
-        rest = jax.tree.map(lambda x: x, rest)
         model = nnx.merge(graphdef, params, rest)
         logits, out_mask = model(batch["features"], batch["feature_mask"], rng=rng)
         loss, _ = ctc_loss(logits, out_mask, batch["labels"], batch["label_mask"])
