@@ -9,6 +9,24 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# The test-sized model and data shapes (configs/tiny.py shrunk): 2 layers, d=48, one
+# length bucket (one compiled train step per run keeps the suite fast).
+TINY_OVERRIDES = (
+    "data.batch_size=8",
+    "data.vocab_size=40",
+    "data.bucket_boundaries=(450,)",
+    "data.max_frames=450",
+    "train.warmup_steps=2",
+    "model.num_layers=2",
+    "model.model_dim=48",
+    "model.num_heads=2",
+    "model.ffn_dim=96",
+    "model.subsample_channels=16",
+    "model.conv_kernel_size=7",
+    "mesh.data=1",
+)
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> dict[str, pathlib.Path]:
     """120 train + 24 test utterances of the embedded corpus (a few seconds to make)."""
@@ -26,22 +44,10 @@ def tiny_config(corpus: dict, *, policy: str = "float", steps: int = 8, **model)
     overrides = [
         f"data.train_manifest={corpus['train']}",
         f"data.eval_manifest={corpus['test']}",
-        "data.batch_size=8",
-        "data.vocab_size=40",
-        # One length bucket: one compiled train step per run keeps the suite fast.
-        "data.bucket_boundaries=(450,)",
-        "data.max_frames=450",
+        *TINY_OVERRIDES,
         f"train.num_steps={steps}",
-        "train.warmup_steps=2",
         "train.log_every=2",
         f"train.checkpoint_every={max(steps // 2, 1)}",
-        "model.num_layers=2",
-        "model.model_dim=48",
-        "model.num_heads=2",
-        "model.ffn_dim=96",
-        "model.subsample_channels=16",
-        "model.conv_kernel_size=7",
-        "mesh.data=1",
     ]
     overrides += [f"model.{k}={v}" for k, v in model.items()]
     config_lib.apply_overrides(cfg, overrides)

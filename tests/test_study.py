@@ -10,26 +10,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import ROOT
+from conftest import ROOT, TINY_OVERRIDES
 from usmqs import config as config_lib
 from usmqs import study
 
-# conftest.tiny_config's model and data sizes, as overrides of a study config.
-TINY = [
-    "data.batch_size=8",
-    "data.vocab_size=40",
-    "data.bucket_boundaries=(400,)",  # one padded length: one compiled shape per run
-    "data.max_frames=400",
-    "train.warmup_steps=2",
-    "train.log_every=1",
-    "model.num_layers=2",
-    "model.model_dim=48",
-    "model.num_heads=2",
-    "model.ffn_dim=96",
-    "model.subsample_channels=16",
-    "model.conv_kernel_size=7",
-    "mesh.data=1",
-]
+# conftest's test-sized model and data, as overrides of a study config.
+TINY = [*TINY_OVERRIDES, "train.log_every=1"]
 
 
 @pytest.fixture(scope="session")
