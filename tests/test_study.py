@@ -15,7 +15,12 @@ from usmqs import config as config_lib
 from usmqs import study
 
 # conftest's test-sized model and data, as overrides of a study config.
-TINY = [*TINY_OVERRIDES, "train.log_every=1"]
+TINY = [
+    *TINY_OVERRIDES,
+    "data.bucket_boundaries=(400,)",  # the study test's corpus copy fits one 400-frame bucket
+    "data.max_frames=400",
+    "train.log_every=1",
+]
 
 
 @pytest.fixture(scope="session")
