@@ -130,7 +130,10 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
             keep_checkpoints=2,
         )
     )
-    c.policy = ml_collections.ConfigDict(dict(name="float", rules=()))
+    # name: a named setting (DESIGN.md) or, with rules, the label of a custom policy.
+    # runtime: compile the named setting's bits and N:M as runtime values, so that every
+    # named setting (float included) runs the same compiled program (the study uses it).
+    c.policy = ml_collections.ConfigDict(dict(name="float", rules=(), runtime=False))
     c.eval = ml_collections.ConfigDict(dict(decoder="greedy", beam_size=8, at_end=True))
     c.mesh = sharding.mesh_config()
     c.distributed = distributed.distributed_config()  # multi-process start-up

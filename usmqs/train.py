@@ -106,9 +106,12 @@ def cache_dir(config, workdir: pathlib.Path) -> pathlib.Path:
 
 
 def make_policy(config) -> Policy:
+    runtime = config.policy.get("runtime", False)
     if config.policy.rules:
+        if runtime:
+            raise ValueError("policy.runtime applies to named policies: leave policy.rules empty")
         return Policy.from_config([dict(r) for r in config.policy.rules])
-    return Policy.named(config.policy.name)
+    return Policy.named(config.policy.name, runtime=runtime)
 
 
 def make_model(config, vocab_size: int, policy: Policy | None, rng) -> ConformerCTC:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from usmqs.compress import ops
-from usmqs.compress.policy import Policy, WeightSpec
+from usmqs.compress.policy import RUNTIME_BITS, RUNTIME_M, Policy, WeightSpec
 
 
 class SparsityMask(nnx.Variable):
@@ -27,6 +27,22 @@ class SparsityMask(nnx.Variable):
 
     Never a Param (so never in the optimizer state) and never in BatchStat.
     """
+
+
+class CompressionSetting(nnx.Variable):
+    """int32 [bits, N] of a layer under a runtime spec (`WeightSpec.runtime`): the bit
+    width (0 = float values) and the N of N:M (N = M: dense) the compiled step applies.
+
+    Non-trainable state like `SparsityMask`; checkpointed with the masks, so a resumed
+    run keeps its setting. Written with `set_runtime_setting`.
+    """
+
+
+def runtime_setting_values(spec: WeightSpec) -> tuple[int, int]:
+    """The [bits, N] a runtime spec's setting starts from: its own static fields."""
+    bits = 0 if spec.weight_bits is None else spec.weight_bits
+    n = RUNTIME_M if spec.nm is None else spec.nm[0]
+    return bits, n
 
 
 def _resolve(policy: Policy | None, path: str) -> WeightSpec | None:
@@ -53,16 +69,26 @@ class _Compressible(nnx.Module):
         self.kernel = nnx.Param(
             init(rngs.params(), shape, param_dtype), out_sharding=tuple(axes), eager_sharding=False
         )
-        if self.spec is not None and self.spec.nm is not None:
+        runtime = self.spec is not None and self.spec.runtime
+        if self.spec is not None and (self.spec.nm is not None or runtime):
             self.mask = SparsityMask(jnp.ones(shape, jnp.bool_), out_sharding=tuple(axes), eager_sharding=False)
         else:
             self.mask = None
+        self.setting = (
+            CompressionSetting(
+                jnp.asarray(runtime_setting_values(self.spec), jnp.int32),
+                out_sharding=(None,), eager_sharding=False,
+            )
+            if runtime
+            else None
+        )
 
     def effective_kernel(self) -> jax.Array:
         """The weight as served: mask, then fake-quant (STE); W itself when float."""
         mask = None if self.mask is None else self.mask[...]
+        setting = None if self.setting is None else self.setting[...]
         return ops.compressed_weight(
-            self.kernel[...], mask, self.spec, contract_axes=self.contract_axes
+            self.kernel[...], mask, self.spec, contract_axes=self.contract_axes, setting=setting
         )
 
 
@@ -204,6 +230,28 @@ def _depthwise_1d(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Arra
     for i in range(1, k):
         y = y + xp[:, i : i + t_out, :] * w[i, 0, :]
     return y.astype(x.dtype)
+
+
+def set_runtime_setting(model: nnx.Module, bits: int, nm: tuple[int, int] | None) -> int:
+    """Write [bits, N] into every `CompressionSetting` of `model`; return how many layers.
+
+    bits: None (float values) or one of `RUNTIME_BITS`; nm: None (dense) or (N, M) with
+    M = `RUNTIME_M`. Masks are not touched: recompute them (`masks.update_masks(...,
+    force=True)`) after changing N.
+    """
+    b = 0 if bits is None else bits
+    if b not in RUNTIME_BITS:
+        raise ValueError(f"runtime weight bits must be None or one of {RUNTIME_BITS[1:]}, got {bits!r}")
+    if nm is not None and (nm[1] != RUNTIME_M or not 1 <= nm[0] <= RUNTIME_M):
+        raise ValueError(f"runtime N:M must be N:{RUNTIME_M} with 1 <= N <= {RUNTIME_M}, got {nm!r}")
+    n = RUNTIME_M if nm is None else nm[0]
+    count = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, _Compressible) and node.setting is not None:
+            shape = node.setting[...].shape
+            node.setting[...] = jnp.broadcast_to(jnp.asarray([b, n], jnp.int32), shape)
+            count += 1
+    return count
 
 
 def compressible_layers(model: nnx.Module) -> dict[str, tuple[WeightSpec | None, int]]:

@@ -35,9 +35,10 @@ def _new_mask(layer: _Compressible, step, force: bool) -> jax.Array:
     kernel = layer.kernel[...]
     # Scan over layers stacks kernels on leading axes; the spec describes one layer.
     layer_axes = kernel.ndim - len(layer.kernel_shape)
+    keep_n = None if layer.setting is None else layer.setting[...][..., 1]
     return ops.mask_update(
         kernel, layer.mask[...], layer.spec, step,
-        contract_axes=layer.contract_axes, layer_axes=layer_axes, force=force,
+        contract_axes=layer.contract_axes, layer_axes=layer_axes, force=force, keep_n=keep_n,
     )
 
 

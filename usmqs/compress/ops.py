@@ -35,6 +35,7 @@ a strict total order, so exactly N are kept even with ties (earlier index wins).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -43,7 +44,9 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from usmqs.compress.policy import Every, Gradual, Granularity, MaskSchedule, OneShot, PruneGrad, WeightSpec
+from usmqs.compress.policy import (
+    RUNTIME_BITS, RUNTIME_M, Every, Gradual, Granularity, MaskSchedule, OneShot, PruneGrad, WeightSpec,
+)
 
 # Clip ratios tried per scale group by `WeightSpec.clip_search` (1.0 = no clipping, so
 # the search never does worse than plain absmax/minmax on the weight MSE).
@@ -299,6 +302,7 @@ def compressed_weight(
     spec: WeightSpec | None,
     *,
     contract_axes: tuple[int, ...],
+    setting: jax.Array | None = None,
 ) -> jax.Array:
     """W_eff = fake_quant(mask ⊙ W) with straight-through gradients; `w` itself when spec is None.
 
@@ -318,10 +322,53 @@ def compressed_weight(
       mask: bool keep-mask of w's shape (from `nm_mask`/`mask_update`), or None.
       spec: the layer's WeightSpec (static), or None for float.
       contract_axes: kernel axes contracted with the input (Dense (0,); conv window + in).
+      setting: for a runtime spec (`WeightSpec.runtime`), the layer's int32 [bits, N]
+        (`runtime_fake_quant`); None applies the spec's own fields (export, serving).
     """
     if spec is None:
         return w
-    return _compressed(w, mask, spec, _norm_axes(contract_axes, w.ndim))
+    axes = _norm_axes(contract_axes, w.ndim)
+    if spec.runtime and setting is not None:
+        return _compressed_runtime(w, mask, setting[0], spec, axes)
+    return _compressed(w, mask, spec.static(), axes)
+
+
+def runtime_fake_quant(w: jax.Array, bits, spec: WeightSpec, *, contract_axes: Sequence[int]) -> jax.Array:
+    """`fake_quant` at a bit width given as a traced int32 scalar (0 = float values).
+
+    One `lax.switch` over the `RUNTIME_BITS` branches, each the static `fake_quant` of
+    that width: the values are those of the static setting bit for bit, and the program
+    is the same whichever width runs. A width outside `RUNTIME_BITS` is caught where
+    settings are written (`layers.set_runtime_setting`), not here.
+    """
+    widths = RUNTIME_BITS[1:]
+    index = jnp.sum(jnp.asarray([(i + 1) * (bits == b) for i, b in enumerate(widths)], jnp.int32))
+    branches = [lambda x: x] + [
+        functools.partial(
+            fake_quant, spec=dataclasses.replace(spec, weight_bits=b, nm=None, runtime=False),
+            contract_axes=contract_axes,
+        )
+        for b in widths
+    ]
+    return jax.lax.switch(index, branches, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _compressed_runtime(w, mask, bits, spec, contract_axes):
+    return runtime_fake_quant(jnp.where(mask, w, jnp.zeros_like(w)), bits, spec, contract_axes=contract_axes)
+
+
+def _compressed_runtime_fwd(w, mask, bits, spec, contract_axes):
+    keep_w = spec.prune_grad is PruneGrad.SRSTE
+    return _compressed_runtime(w, mask, bits, spec, contract_axes), (mask, w if keep_w else None)
+
+
+def _compressed_runtime_bwd(spec, contract_axes, res, g):
+    gw, _ = _compressed_bwd(spec, contract_axes, res, g)
+    return gw, None, None
+
+
+_compressed_runtime.defvjp(_compressed_runtime_fwd, _compressed_runtime_bwd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -404,6 +451,7 @@ def mask_update(
     contract_axes: Sequence[int],
     layer_axes: int = 0,
     force: bool = False,
+    keep_n: jax.Array | None = None,
 ) -> jax.Array:
     """The mask after train step `step`: recomputed at schedule points, else `old_mask`.
 
@@ -423,20 +471,28 @@ def mask_update(
       contract_axes: the per-layer kernel's contraction axes (default group axes).
       force: recompute now at the final N regardless of the schedule (post-training
         pruning, export); Python bool.
+      keep_n: runtime specs only: N per layer (int32, shape = the `layer_axes` leading
+        axes of `w`; N = M keeps every weight), from the layer's `CompressionSetting`.
     """
-    if spec is None or spec.nm is None:
+    if spec is None or (spec.nm is None and not spec.runtime):
         return old_mask
-    m = spec.nm[1]
-    n_t = jnp.asarray(spec.nm[0], jnp.int32) if force else keep_count(spec, step)
     per_layer_ndim = w.ndim - layer_axes
     axes = nm_group_axes(spec, contract_axes, per_layer_ndim)
+    if spec.runtime:
+        if keep_n is None:
+            raise ValueError("a runtime spec's mask update needs keep_n (the layer's setting)")
+        m, n_t = RUNTIME_M, jnp.asarray(keep_n, jnp.int32)
+    else:
+        m = spec.nm[1]
+        n_t = jnp.asarray(spec.nm[0], jnp.int32) if force else keep_count(spec, step)
+        n_t = jnp.broadcast_to(n_t, w.shape[:layer_axes])
 
     def compute():
         score = w if spec.prune_grad is not PruneGrad.MASKED else jnp.where(old_mask, w, jnp.zeros_like(w))
-        fn = lambda s: nm_mask(s, n_t, m, axes)
+        fn = lambda s, n: nm_mask(s, n, m, axes)
         for _ in range(layer_axes):
             fn = jax.vmap(fn)
-        return fn(score)
+        return fn(score, n_t)
 
     if force:
         return compute()

@@ -117,6 +117,10 @@ class Gradual:
 MaskSchedule = OneShot | Every | Gradual
 
 SUPPORTED_BITS = (2, 4, 8, 16)
+# Runtime-valued settings (`WeightSpec.runtime`): the bit widths one compiled program
+# switches between (0 = float values), and the group size M every N:M setting shares.
+RUNTIME_BITS = (0, 8, 4, 2)
+RUNTIME_M = 4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,9 +155,17 @@ class WeightSpec:
     prune_grad: PruneGrad = PruneGrad.MASKED
     # SR-STE decay λ (used only with PruneGrad.SRSTE); 2e-4 is Zhou et al.'s default.
     srste_lambda: float = 2e-4
+    # Runtime-valued setting: the compiled step reads the bit width and N of N:M from the
+    # layer's `CompressionSetting` variable (initialised from the two fields above), so
+    # every named setting shares one compiled program (see `RUNTIME_BITS`).
+    runtime: bool = False
 
     def __post_init__(self):
         _validate_behaviour(self, type(self).__name__)
+
+    def static(self) -> WeightSpec:
+        """The same setting with its values fixed at trace time (runtime=False)."""
+        return dataclasses.replace(self, runtime=False) if self.runtime else self
 
     @property
     def bits_per_weight(self) -> float:
@@ -205,6 +217,8 @@ class Rule:
     prune_grad: PruneGrad = PruneGrad.MASKED
     # SR-STE decay λ (PruneGrad.SRSTE only).
     srste_lambda: float = 2e-4
+    # Bits and N as runtime values of the compiled step (one program for every setting).
+    runtime: bool = False
 
     def __post_init__(self):
         if not isinstance(self.module_path, str):
@@ -217,8 +231,8 @@ class Rule:
 
     @property
     def keeps_float(self) -> bool:
-        """True for a rule that leaves its layers float (no bits, no N:M)."""
-        return self.weight_bits is None and self.nm is None
+        """True for a rule that leaves its layers float (no bits, no N:M, not runtime)."""
+        return self.weight_bits is None and self.nm is None and not self.runtime
 
     def spec(self) -> WeightSpec | None:
         """The WeightSpec this rule gives its layers (None when it keeps them float)."""
@@ -254,6 +268,16 @@ def _validate_behaviour(obj: Any, owner: str) -> None:
         raise TypeError(f"{owner}.prune_grad must be a PruneGrad, got {obj.prune_grad!r}")
     if not obj.srste_lambda >= 0:
         raise ValueError(f"{owner}.srste_lambda must be >= 0, got {obj.srste_lambda!r}")
+    if obj.runtime:
+        problems = []
+        if obj.weight_bits not in (None, *RUNTIME_BITS[1:]):
+            problems.append(f"weight_bits {obj.weight_bits!r} not in {RUNTIME_BITS[1:]} or None")
+        if obj.nm is not None and obj.nm[1] != RUNTIME_M:
+            problems.append(f"nm {obj.nm[0]}:{obj.nm[1]} has M != {RUNTIME_M}")
+        if not isinstance(obj.mask_schedule, OneShot):
+            problems.append("mask_schedule must be OneShot")
+        if problems:
+            raise ValueError(f"{owner}.runtime: " + "; ".join(problems))
 
 
 # The DESIGN.md shorthands: name -> (weight_bits, nm).
@@ -288,14 +312,19 @@ class Policy:
     # ---- construction -------------------------------------------------------------
 
     @classmethod
-    def named(cls, name: str) -> Policy:
-        """The DESIGN.md shorthand `name` (see module docstring for what it compresses)."""
+    def named(cls, name: str, *, runtime: bool = False) -> Policy:
+        """The DESIGN.md shorthand `name` (see module docstring for what it compresses).
+
+        runtime=True: the same setting as runtime values (`WeightSpec.runtime`): every
+        name, 'float' included, then builds the same model structure and compiles to the
+        same program; only the values of the layers' `CompressionSetting` differ.
+        """
         if name not in NAMED_POLICIES:
             raise ValueError(f"unknown policy name {name!r}; known: {' '.join(NAMED_POLICIES)}")
         bits, nm = NAMED_POLICIES[name]
-        if bits is None and nm is None:
+        if bits is None and nm is None and not runtime:
             return cls(rules=())
-        return cls(rules=(Rule(module_path=".*", weight_bits=bits, nm=nm),))
+        return cls(rules=(Rule(module_path=".*", weight_bits=bits, nm=nm, runtime=runtime),))
 
     @classmethod
     def from_config(cls, rules: Iterable[Mapping[str, Any]]) -> Policy:
