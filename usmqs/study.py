@@ -32,9 +32,12 @@ changed since) and resumes a half-finished one from its latest checkpoint (the t
 loop resumes by itself). results.json, report.md and pareto.png are rewritten after
 every finished run, so a partial study already has a partial report.
 
-Compile time: the JAX persistent compilation cache is on for the whole study
-(``study.compile_cache_dir``), so a resumed run or a repeated program (same shapes, same
-policy, same constants) loads its executables instead of compiling them. Each run
+Compile time: every PTQ/QAT run and the float control build their policy with runtime
+values (``study.runtime_settings``, `Policy.named(..., runtime=True)`): bits and N:M are
+state of the layers, not constants of the program, so all of them lower to the same
+train-step and eval-step programs. The JAX persistent compilation cache, on for the
+whole study (``study.compile_cache_dir``), then compiles each program once and loads it
+for every later run (and for a resumed or repeated study). Each run
 records the seconds JAX spent tracing, lowering and compiling (per jitted function) and
 its cache hits in done.json; report.md lists them.
 """
@@ -112,6 +115,9 @@ def default_study_config() -> ml_collections.ConfigDict:
             float_control=True,
             # Also decode every run from its packed export and check it gives the same WER.
             eval_export=False,
+            # PTQ/QAT runs (and the float control) compile bits and N:M as runtime values
+            # (`policy.runtime`): one train-step and one eval-step program for all of them.
+            runtime_settings=True,
             # JAX persistent compilation cache; '' = WORKDIR/.jax_cache.
             compile_cache=True,
             compile_cache_dir="~/.cache/usmqs/jax",
@@ -190,6 +196,7 @@ def run_overrides(config, run: StudyRun, workdir: pathlib.Path) -> list[str]:
         o.append(f"data.cache_dir={workdir / 'data_cache'}")
     if run.method is not Method.FLOAT:
         o.append(f"init_from={workdir / BASELINE.subdir}")
+        o.append(f"policy.runtime={bool(config.study.runtime_settings)}")
     if run.method is Method.PTQ:
         o.append("train.num_steps=0")
     elif run.method is Method.QAT:
