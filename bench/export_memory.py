@@ -10,13 +10,16 @@ another's memory, the peak resident set size (``ru_maxrss`` of the process itsel
 * ``baseline``: import jax + usmqs, build the model graph from shapes, one tiny jit: the
   floor any usmqs process pays, whatever the model;
 * ``export``: `export_workdir` (reads params + masks, never the optimizer state);
-* ``serve``: `load_export` + one jitted forward of one 4 s utterance.
+* ``serve``: `load_export` + one jitted forward of one 4 s utterance (kernels stay
+  packed; each layer's are decoded inside the scan).
 
 Prints JSON: sizes (parameters as fp32, the float checkpoint on disk, the export), peak
-RSS per phase, and the ratios ``peak_rss / checkpoint_bytes`` (target < 2) and
-``(peak_rss - baseline) / fp32_param_bytes``: a JAX process costs ~0.3 GB before any
-weight, which alone is ~3x a conformer_m checkpoint, so the absolute target can only hold
-for models well above ~0.2 GB; the above-baseline ratio is the export's own footprint.
+RSS per phase, and the ratios to the float model's size, ``fp32_param_bytes`` (target
+< 2): ``peak_rss / fp32_param_bytes`` (absolute) and ``(peak_rss - baseline) /
+fp32_param_bytes`` (the export's and the server's own footprint). A JAX process costs
+~0.35 GB before any weight, ~3x a conformer_m model, so the absolute target can only hold
+for models well above ~0.35 GB. ``checkpoint_bytes`` is not the reference: orbax
+compresses it, and the AdamW moments of this untrained run are zeros.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def phase_export(cfg, workdir: pathlib.Path) -> dict:
     from usmqs.compress import export
 
     t = time.perf_counter()
+    export.limit_heap_retention()
     report = export.export_workdir(cfg, workdir)
     return {"seconds": time.perf_counter() - t, "report": report}
 
@@ -89,6 +93,7 @@ def phase_serve(cfg, workdir: pathlib.Path) -> dict:
     from usmqs.compress import export
 
     t = time.perf_counter()
+    export.limit_heap_retention()
     served = export.load_export(workdir / "export", config=cfg)
     load_s = time.perf_counter() - t
     frames = 400
@@ -152,14 +157,16 @@ def main() -> None:
             "make_checkpoint_peak_rss_bytes": made["peak_rss_bytes"],
             "export_rss_over_checkpoint": rss["export"] / ckpt_bytes,
             "serve_rss_over_checkpoint": rss["serve"] / ckpt_bytes,
+            "export_rss_over_fp32_params": rss["export"] / fp32,
+            "serve_rss_over_fp32_params": rss["serve"] / fp32,
             "export_rss_above_baseline_over_fp32_params": (rss["export"] - base) / fp32,
             "serve_rss_above_baseline_over_fp32_params": (rss["serve"] - base) / fp32,
             "export_seconds": phases["export"]["seconds"],
             "serve_load_seconds": phases["serve"]["load_seconds"],
-            # < 2x the float checkpoint: absolute RSS includes the runtime floor (jax, XLA,
-            # numpy: ~0.3 GB whatever the model), so also judged above that floor.
-            "target_met_absolute": max(rss["export"], rss["serve"]) < 2 * ckpt_bytes,
-            "target_met_above_baseline": max(rss["export"], rss["serve"]) - base < 2 * ckpt_bytes,
+            # < 2x the float model: absolute RSS includes the runtime floor (jax, XLA,
+            # numpy: ~0.35 GB whatever the model), so also judged above that floor.
+            "target_met_absolute": max(rss["export"], rss["serve"]) < 2 * fp32,
+            "target_met_above_baseline": max(rss["export"], rss["serve"]) - base < 2 * fp32,
         }, indent=2))
 
 

@@ -76,6 +76,7 @@ def cmd_evaluate(args, overrides):
     if args.export:
         from usmqs.compress import export
 
+        export.limit_heap_retention()  # this process only serves the export, then exits
         export.evaluate_export(cfg, args.workdir, manifest=args.manifest)
     else:
         evaluate.evaluate_workdir(cfg, args.workdir, manifest=args.manifest)
@@ -85,6 +86,7 @@ def cmd_export(args, overrides):
     from usmqs.compress import export
 
     cfg = _workdir_config(args, overrides)
+    export.limit_heap_retention()  # this process only exports, then exits
     export.export_workdir(cfg, args.workdir, index_encoding=args.index_encoding)
 
 

@@ -178,6 +178,35 @@ def test_served_forward_is_bitwise_the_fake_quant_forward(mixed):
     np.testing.assert_array_equal(np.asarray(got)[valid], np.asarray(want)[valid])
 
 
+def _top_level_avals(closed_jaxpr):
+    """Avals of every value the jaxpr computes outside scan bodies (jit calls inlined)."""
+    out = []
+    for eqn in closed_jaxpr.jaxpr.eqns:
+        out += [v.aval for v in eqn.outvars]
+        if eqn.primitive.name in ("pjit", "jit", "closed_call"):
+            out += _top_level_avals(eqn.params["jaxpr"])
+    return out
+
+
+def test_served_kernels_stay_packed_and_decode_per_layer(mixed):
+    """The forward holds stacked kernels packed and decodes one layer per scan step: no
+    float array of a whole stacked kernel exists outside the scan body, and the logits
+    equal those of a forward given every kernel fully decoded up front."""
+    served = export.load_export(mixed["dir"])
+    stacked = {n: p for n, p in served.packed.items() if served.metadata["tensors"][n]["stack_shape"]}
+    assert "blocks/attn/k/kernel" in stacked and stacked["blocks/attn/k/kernel"].values.dtype == jnp.uint8
+    features = jnp.asarray(np.random.default_rng(1).standard_normal((2, 40, 80)), jnp.float32)
+    mask = jnp.ones((2, 40), bool)
+    jaxpr = jax.make_jaxpr(served._forward)(served.floats, served.packed, features, mask)
+    full = {tuple(served.metadata["tensors"][n]["shape"]) for n in stacked}
+    float_shapes = {tuple(a.shape) for a in _top_level_avals(jaxpr) if getattr(a, "dtype", None) == jnp.float32}
+    assert not full & float_shapes, full & float_shapes
+    got, _ = served.log_probs(features, mask)
+    everything_decoded = {**served.floats, **served.kernels()}
+    want, _ = served._forward(everything_decoded, {}, features, mask)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_combinatorial_indices_round_trip_and_are_smaller(mixed, tmp_path):
     report = export.write_export(
         mixed["model"], tmp_path / "export", model_config=mixed["cfg"], vocab_size=VOCAB,

@@ -54,9 +54,11 @@ along the last axis by `packing.compact_nm` (a partial last group follows packin
 padding rule; the padded slots hold zeros and are dropped on expansion). G = number of
 groups per row, ceil(group_length / M).
 
-Serving (`load_export`): a float-policy ConformerCTC graph from the metadata (shapes only),
-codes unpacked once to int8, ``(q - z) * scale`` through `qwix.dequantize` inside the
-jitted forward. The export is written to a temporary sibling folder and renamed into
+Serving (`load_export`): a float-policy ConformerCTC graph from the metadata (shapes only)
+whose compressed kernels stay packed in memory (`PackedKernel` values); inside the jitted
+forward each layer unpacks and dequantizes its own kernels, ``(q - z) * scale`` through
+`qwix.dequantize`, stacked blocks one layer at a time within the scan over layers, so the
+served model never exists as a whole in float. The export is written to a temporary sibling folder and renamed into
 place, so a reader never sees a half-written one.
 """
 
@@ -82,7 +84,7 @@ import qwix
 from flax import nnx
 
 from usmqs.compress import ops, packing
-from usmqs.compress.layers import _Compressible
+from usmqs.compress.layers import Conv, EncodedKernel, _Compressible
 from usmqs.compress.packing import IndexEncoding
 from usmqs.compress.policy import Every, Granularity, Gradual, OneShot, Policy, Rule, WeightSpec
 
@@ -294,44 +296,93 @@ def _broadcast_groups(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.broadcast_to(g, shape)
 
 
-@functools.cache
-def _decoder(lay: _Layout):
-    """Jitted decoder of S stacked layers: components -> int8 codes (quantized) or float
-    kernel, ``[S, *layer_shape]``. Unpacking runs once, at load."""
-
-    def one(values, indices, zero_point):
-        if lay.nm is None:
-            if lay.kind is Kind.QUANTIZED:
-                count = math.prod(lay.layer_shape)
-                return packing.unpack_bits(values, lay.spec.weight_bits, count).reshape(lay.layer_shape)
-            return values
-        n, m = lay.nm
-        rows = lay.rows_shape
-        groups = -(-rows[-1] // m)
-        lead = rows[:-1]
-        idx_shape = lead + ((groups, n) if lay.encoding is IndexEncoding.POSITION else (groups,))
-        idx = packing.unpack_bits(
-            indices, packing.nm_index_bits(n, m, lay.encoding), math.prod(idx_shape), signed=False
-        ).reshape(idx_shape)
-        if lay.kind is Kind.SPARSE_FLOAT:
-            bits = jax.lax.bitcast_convert_type(values, jnp.int32)
-            dense = packing.expand_nm(bits, idx, n, m, -1, rows, lay.encoding)
-            return lay.from_rows(jax.lax.bitcast_convert_type(dense, jnp.float32))
-        kept = packing.unpack_bits(values, lay.spec.weight_bits, math.prod(lead) * groups * n)
-        q = lay.from_rows(packing.expand_nm(kept.reshape(lead + (groups, n)), idx, n, m, -1, rows, lay.encoding))
-        if zero_point is not None:
-            # Pruned weights were quantized as 0.0, i.e. code z: restore it there.
-            ones = jnp.ones(lead + (groups, n), jnp.int8)
-            keep = lay.from_rows(packing.expand_nm(ones, idx, n, m, -1, rows, lay.encoding)) != 0
-            q = jnp.where(keep, q, _broadcast_groups(zero_point, lay.layer_shape))
-        return q
-
-    return jax.jit(jax.vmap(one))
+def _decode_codes(lay: _Layout, values, indices, zero_point) -> jax.Array:
+    """One layer's components -> its int8 codes ``[*layer_shape]`` (quantized) or its
+    float kernel (the other kinds). Traceable: runs inside the serving scan."""
+    if lay.nm is None:
+        if lay.kind is Kind.QUANTIZED:
+            count = math.prod(lay.layer_shape)
+            return packing.unpack_bits(values, lay.spec.weight_bits, count).reshape(lay.layer_shape)
+        return values
+    n, m = lay.nm
+    rows = lay.rows_shape
+    groups = -(-rows[-1] // m)
+    lead = rows[:-1]
+    idx_shape = lead + ((groups, n) if lay.encoding is IndexEncoding.POSITION else (groups,))
+    idx = packing.unpack_bits(
+        indices, packing.nm_index_bits(n, m, lay.encoding), math.prod(idx_shape), signed=False
+    ).reshape(idx_shape)
+    if lay.kind is Kind.SPARSE_FLOAT:
+        bits = jax.lax.bitcast_convert_type(values, jnp.int32)
+        dense = packing.expand_nm(bits, idx, n, m, -1, rows, lay.encoding)
+        return lay.from_rows(jax.lax.bitcast_convert_type(dense, jnp.float32))
+    kept = packing.unpack_bits(values, lay.spec.weight_bits, math.prod(lead) * groups * n)
+    q = lay.from_rows(packing.expand_nm(kept.reshape(lead + (groups, n)), idx, n, m, -1, rows, lay.encoding))
+    if zero_point is not None:
+        # Pruned weights were quantized as 0.0, i.e. code z: restore it there.
+        ones = jnp.ones(lead + (groups, n), jnp.int8)
+        keep = lay.from_rows(packing.expand_nm(ones, idx, n, m, -1, rows, lay.encoding)) != 0
+        q = jnp.where(keep, q, _broadcast_groups(zero_point, lay.layer_shape))
+    return q
 
 
 def _dequantize(q: jax.Array, scale: jax.Array, zero_point: jax.Array | None) -> jax.Array:
     """(q - z) * scale through qwix itself: the evaluation's own dequantization."""
     return qwix.dequantize(qwix.QArray(q, scale, zero_point))
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("values", "indices", "scale", "zero_point"),
+    meta_fields=("layout",),
+)
+@dataclasses.dataclass(frozen=True)
+class PackedKernel(EncodedKernel):
+    """A compressed kernel as the export stores it, decoded where the layer uses it.
+
+    Leaves are the stored components (module docstring) with the layer's stack axes
+    leading -- ``values [*stack, B]``, ``indices [*stack, B']``, ``scale`` and
+    ``zero_point [*stack, *group_shape]`` -- or none for an unstacked layer. The model's
+    scan over layers slices them like any stacked kernel; `decode` then unpacks, expands
+    the N:M positions and dequantizes one layer: ``(q - z) * scale`` through qwix, the
+    fake-quant evaluation's own arithmetic.
+    """
+
+    layout: _Layout
+    values: jax.Array
+    indices: jax.Array | None = None
+    scale: jax.Array | None = None
+    zero_point: jax.Array | None = None
+
+    def codes(self) -> jax.Array:
+        """int8 codes (quantized) or the float kernel, ``[*layer_shape]`` (one layer)."""
+        return _decode_codes(self.layout, self.values, self.indices, self.zero_point)
+
+    def decode(self) -> jax.Array:
+        """The float32 kernel ``[*layer_shape]`` of one layer."""
+        out = self.codes()
+        if self.layout.kind is Kind.QUANTIZED:
+            out = _dequantize(out, self.scale, self.zero_point)
+        # Materialize the decoded kernel once per layer (flat: a layout-free buffer), so
+        # XLA does not fuse, and duplicate, the unpacking into each of its consumers.
+        return jax.lax.optimization_barrier(out.reshape(-1)).reshape(out.shape)
+
+
+def _over_stack(fn: Callable, stack_ndim: int) -> Callable:
+    """`fn` of one layer's PackedKernel, mapped over `stack_ndim` leading stack axes."""
+    for _ in range(stack_ndim):
+        fn = jax.vmap(fn)
+    return fn
+
+
+@functools.partial(jax.jit, static_argnames=("stack_ndim",))
+def _decode_stacked(packed: PackedKernel, stack_ndim: int) -> jax.Array:
+    return _over_stack(PackedKernel.decode, stack_ndim)(packed)
+
+
+@functools.partial(jax.jit, static_argnames=("stack_ndim",))
+def _codes_stacked(packed: PackedKernel, stack_ndim: int) -> jax.Array:
+    return _over_stack(PackedKernel.codes, stack_ndim)(packed)
 
 
 # ============================================================================= export
@@ -590,12 +641,14 @@ def size_report(export_dir: str | os.PathLike) -> dict:
 
 @dataclasses.dataclass
 class Served:
-    """A loaded export: float-policy ConformerCTC graph + verified, unpacked weights.
+    """A loaded export: float-policy ConformerCTC graph + verified, still packed weights.
 
-    `codes[name]` holds a compressed kernel as int8 codes ``[*stack, *layer_shape]`` (one
-    byte per weight, unpacked once at load) with its float32 `scale` and optional int8
-    `zero_point` (qwix layout, leading stack axes); `floats[name]` every other tensor
-    (float N:M kernels already expanded). `log_probs` dequantizes inside its jitted call.
+    `packed[name]` holds a compressed kernel as stored (a `PackedKernel`: packed codes,
+    N:M indices, float32 scales, optional int8 zero points, leading stack axes);
+    `floats[name]` every other tensor, and the kernels of grouped (depthwise) convs,
+    decoded at load (`load_export` says why). `log_probs` decodes each kernel where its layer
+    runs -- inside the scan over layers for stacked blocks -- so memory holds the packed
+    model plus one layer's float kernels, never the whole model in float.
     """
 
     export_dir: pathlib.Path
@@ -604,7 +657,7 @@ class Served:
     abstract_params: Any
     rest: Any
     floats: dict[str, jax.Array]
-    codes: dict[str, dict[str, jax.Array | None]]
+    packed: dict[str, PackedKernel]
     _forward: Any = dataclasses.field(repr=False, default=None)
 
     @property
@@ -615,14 +668,28 @@ class Served:
     def tokenizer_file(self) -> pathlib.Path:
         return self.export_dir / self.metadata["tokenizer"]
 
+    def _stack_ndim(self, name: str) -> int:
+        return len(self.metadata["tensors"][name]["stack_shape"])
+
     def kernels(self) -> dict[str, jax.Array]:
-        """Every compressed kernel dequantized, ``[*stack, *layer_shape]`` float32 (jitted)."""
-        return _dequantize_all(self.codes)
+        """Every compressed kernel decoded, ``[*stack, *layer_shape]`` float32 (jitted;
+        materializes them all: for inspection and tests, serving never calls it)."""
+        return {k: _decode_stacked(p, self._stack_ndim(k)) for k, p in self.packed.items()}
+
+    @property
+    def codes(self) -> dict[str, dict[str, jax.Array | None]]:
+        """Quantized kernels as int8 codes ``[*stack, *layer_shape]`` (one byte per
+        weight) with their `scale` and `zero_point` (qwix layout, leading stack axes);
+        unpacked on each access, for inspection."""
+        return {
+            k: {"q": _codes_stacked(p, self._stack_ndim(k)), "scale": p.scale, "zero_point": p.zero_point}
+            for k, p in self.packed.items() if p.layout.kind is Kind.QUANTIZED
+        }
 
     def log_probs(self, features, feature_mask) -> tuple[jax.Array, jax.Array]:
         """log_softmax(logits) [B, T', V] float32 and out_mask [B, T'], like the eval step."""
         compiled = self._forward._cache_size()
-        out = self._forward(self.floats, self.codes, features, feature_mask)
+        out = self._forward(self.floats, self.packed, features, feature_mask)
         if self._forward._cache_size() != compiled:
             _release_freed_memory()
         return out
@@ -640,14 +707,38 @@ def _release_freed_memory() -> None:
         pass  # not glibc: nothing to do
 
 
-@jax.jit
-def _dequantize_all(codes):
-    return {k: _dequantize(c["q"], c["scale"], c["zero_point"]) for k, c in codes.items()}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
+_HEAP_RETENTION_BYTES = 1 << 20
+
+
+def limit_heap_retention() -> None:
+    """Make glibc give large freed blocks back to the OS (process-wide, idempotent).
+
+    glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB)
+    and its trim threshold to twice that, so after the first stacked tensor is read,
+    blocks of that size come from per-thread heaps that are not trimmed below 64 MiB of
+    free space each. Orbax/tensorstore read on several threads, so every big tensor left
+    tens of MiB resident behind it: measured, this was most of the export's footprint
+    above the bare process (bench/export_memory.py). Fixed thresholds of 1 MiB turn
+    that dynamic behaviour off; the cost is an mmap per block above 1 MiB, which is why
+    only processes that export or serve and then exit call it (`usmqs export`,
+    `usmqs evaluate --export`, bench/export_memory.py), never a training process.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_RETENTION_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_RETENTION_BYTES)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
 
 
 def _make_forward(graphdef, abstract_params, rest):
-    def forward(floats, codes, features, feature_mask):
-        values = {**floats, **{k: _dequantize(c["q"], c["scale"], c["zero_point"]) for k, c in codes.items()}}
+    def forward(floats, packed, features, feature_mask):
+        # Packed kernels go into the model as they are (`EncodedKernel` values): each
+        # layer decodes its own, per layer inside the scan over stacked blocks.
+        values = {**floats, **packed}
         params = jax.tree_util.tree_map_with_path(lambda p, _: values[_path_name(p)], abstract_params)
         model = nnx.merge(graphdef, params, rest)
         logits, out_mask = model(features, feature_mask, rng=None)
@@ -764,8 +855,9 @@ def load_export(export_dir: str | os.PathLike, config=None) -> Served:
     version, (with `config`) that ``config.model`` is the exported model, sizes of all
     files (truncation), shape, dtype and sha256 of every stored array, sha256 of every
     file, and that each tensor fits the float-policy model built from the metadata.
-    The float graph comes from `nnx.eval_shape` (no random initialization). Packed
-    codes are unpacked (jitted) once, to int8 ``[*stack, *layer_shape]``.
+    The float graph comes from `nnx.eval_shape` (no random initialization). Compressed
+    kernels stay packed (`PackedKernel`); the forward decodes them layer by layer. A serving
+    process should call `limit_heap_retention` first.
     """
     from usmqs.models.conformer import ConformerCTC
 
@@ -786,42 +878,47 @@ def load_export(export_dir: str | os.PathLike, config=None) -> Served:
     except (TypeError, ValueError) as e:
         raise ExportError(f"{export_dir}: metadata model_config does not build a model: {e}") from e
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    # Grouped (depthwise) convolutions run as XLA-fused multiply-adds whose float rounding
+    # follows the fusion around them: a kernel decoded inside the scan body can round the
+    # conv differently from the evaluation, which reads its kernel from a scanned array.
+    # Those kernels are tiny (window x channels per layer): decode them once, here.
+    decode_at_load = {
+        "/".join(map(str, path)) + "/kernel" for path, m in nnx.iter_modules(abstract)
+        if isinstance(m, Conv) and m.feature_group_count > 1
+    }
     want = _named_leaves(abstract_params)
     extra, absent = sorted(set(stored) - set(want)), sorted(set(want) - set(stored))
     if extra or absent:
         raise ExportError(f"{export_dir}: tensors do not fit the model: unexpected {extra}, missing {absent}")
 
-    floats, codes = {}, {}
+    floats, packed = {}, {}
     for name, rec in meta["tensors"].items():
         shape, dtype = tuple(want[name].shape), str(want[name].dtype)
         if tuple(rec["shape"]) != shape or rec.get("dtype", dtype) != dtype:
             raise ExportError(f"tensor {name}: {rec.get('dtype')}{rec['shape']} in the export, model needs {dtype}{list(shape)}")
-        comps = stored[name]
+        comps = stored.pop(name)
         if rec["kind"] == Kind.FLOAT.value:
             floats[name] = jnp.asarray(comps["value"])
             continue
         lay = _layout_from_record(name, rec)
-        dec = _decoder(lay)
+        stack = tuple(rec["stack_shape"])
         try:
-            out = dec(comps["values"], comps.get("indices"), comps.get("zero_point"))
+            # Stored [S, ...] -> [*stack, ...]: the leading axes the model's scan slices.
+            pk = PackedKernel(lay, **{c: jnp.asarray(a.reshape(stack + a.shape[1:])) for c, a in comps.items()})
+            # Abstractly: nothing is unpacked here, serving decodes layer by layer.
+            out = jax.eval_shape(functools.partial(_decode_stacked, stack_ndim=len(stack)), pk)
         except (TypeError, ValueError) as e:
             raise ExportError(f"tensor {name}: components do not decode to {shape}: {e}") from e
-        out = out.reshape(shape)
-        if lay.kind is Kind.QUANTIZED:
-            group = comps["scale"].shape[1:]
-            lead = tuple(rec["stack_shape"])
-            zp = comps.get("zero_point")
-            codes[name] = {
-                "q": out,
-                "scale": jnp.asarray(comps["scale"].reshape(lead + group)),
-                "zero_point": None if zp is None else jnp.asarray(zp.reshape(lead + group)),
-            }
+        if out.shape != shape or out.dtype != jnp.float32:
+            raise ExportError(f"tensor {name}: components decode to {out.dtype}{list(out.shape)}, model needs float32{list(shape)}")
+        if name in decode_at_load:
+            floats[name] = _decode_stacked(pk, len(stack))
         else:
-            floats[name] = out
+            packed[name] = pk
     del stored
     _release_freed_memory()
     return Served(
-        export_dir, meta, graphdef, abstract_params, rest, floats, codes,
+        export_dir, meta, graphdef, abstract_params, rest, floats, packed,
         _make_forward(graphdef, abstract_params, rest),
     )
 
@@ -876,8 +973,9 @@ def export_workdir(config, workdir, *, index_encoding: IndexEncoding | str = Ind
     """Export the run in `workdir` (latest checkpoint) to ``workdir/export``; the size report.
 
     Reads the params and masks one compressed layer at a time (never the optimizer
-    state). The export's codes are exactly the fake-quant evaluation's weights (module
-    docstring).
+    state) and encodes them one stacked layer at a time; an export-only process should
+    call `limit_heap_retention` first. The export's codes are exactly the fake-quant
+    evaluation's weights (module docstring).
     """
     from usmqs import train as train_lib
     from usmqs.data.tokenizer import Tokenizer

@@ -45,6 +45,20 @@ def runtime_setting_values(spec: WeightSpec) -> tuple[int, int]:
     return bits, n
 
 
+class EncodedKernel:
+    """A kernel value held in a stored form and decoded where the layer uses it.
+
+    The packed export (`usmqs.compress.export`) serves with these in place of float
+    kernels: a pytree whose leaves carry the layer axes of the stored components, so
+    the model's scan over stacked layers slices them like any kernel and `decode` runs
+    inside the scan body, one layer at a time -- the whole model is never dense float.
+    """
+
+    def decode(self) -> jax.Array:
+        """The float kernel ``[*kernel_shape]`` of one (unstacked) layer."""
+        raise NotImplementedError
+
+
 def _resolve(policy: Policy | None, path: str) -> WeightSpec | None:
     return None if policy is None else policy.resolve(path)
 
@@ -84,7 +98,11 @@ class _Compressible(nnx.Module):
         )
 
     def effective_kernel(self) -> jax.Array:
-        """The weight as served: mask, then fake-quant (STE); W itself when float."""
+        """The weight as served: mask, then fake-quant (STE); W itself when float; the
+        decoded kernel when the value is an `EncodedKernel` (serving from an export)."""
+        value = self.kernel.get_value()
+        if isinstance(value, EncodedKernel):
+            return value.decode()
         mask = None if self.mask is None else self.mask[...]
         setting = None if self.setting is None else self.setting[...]
         return ops.compressed_weight(
