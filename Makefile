@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: install
-	$(PY) -m usmqs study --config configs/study_demo.py --workdir runs/demo
+	$(PY) -m usmqs study --config configs/study_demo.py --workdir runs/demo --update-readme README.md
 
 test: install
 	$(PY) -m pytest -n 2 tests

@@ -227,6 +227,29 @@ def test_rows_report_and_plot_from_records(tmp_path):
     # A float WER of 0 leaves the relative regression undefined, not infinite.
     assert study.rel_regression(0.1, 0.0) is None
 
+    # A partial study never reaches the README; a complete one replaces the marked block.
+    readme = tmp_path / "README.md"
+    original = f"# x\n\nbefore\n{study.README_BEGIN}\nold table\n{study.README_END}\nafter\n"
+    readme.write_text(original)
+    with pytest.raises(study.StudyError, match="not a complete study"):
+        study.update_readme(readme, tmp_path)
+    assert readme.read_text() == original
+    cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}:settings=int2/int4+2:4")
+    cfg.study.float_control = False
+    records.pop(R(study.Method.QAT, "int4+2:4"))
+    records[R(study.Method.QAT, "int2")] = _record(0.5, 300, 2.0)
+    records[R(study.Method.QAT, "int4+2:4")] = _record(0.25, 400, 3.0)
+    study.write_outputs(tmp_path, records, cfg, study.plan(cfg))
+    image = study.update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{study.README_END}\nafter\n")
+    assert "old table" not in text and "| int4+2:4 | 3 | 10.00 |" in text
+    assert f"![pareto](docs/{tmp_path.name}_pareto.png)" in text
+    assert image.read_bytes() == (tmp_path / "pareto.png").read_bytes()
+    readme.write_text("no markers")
+    with pytest.raises(study.StudyError, match="needs exactly one"):
+        study.update_readme(readme, tmp_path)
+
 
 def test_plan_overrides_and_validation(tmp_path):
     cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}")

@@ -119,6 +119,9 @@ def cmd_study(args, overrides):
     path, sep, arg = args.config.partition(":")
     spec = str(pathlib.Path(path).resolve()) + sep + arg
     study.run_study(cfg, args.workdir, config_spec=spec, overrides=overrides)
+    if getattr(args, "update_readme", None):
+        study.update_readme(args.update_readme, args.workdir)
+        print(f"updated the study section of {args.update_readme}", flush=True)
 
 
 def cmd_demo(args, overrides):
@@ -196,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     s.add_argument("--config", required=True, help="configs/study_*.py[:arg]")
     s.add_argument("--workdir", required=True)
+    s.add_argument(
+        "--update-readme", metavar="README",
+        help="when the study is complete, replace README's marked study section with its "
+        "table and plot (docs/<workdir name>_pareto.png)",
+    )
     s.set_defaults(fn=cmd_study)
 
     s = sub.add_parser("demo", help="the quick study (configs/study_demo.py) into runs/demo")

@@ -678,6 +678,38 @@ def write_outputs(workdir, records: Mapping[StudyRun, dict], config, plan_) -> l
     return rows
 
 
+README_BEGIN = "<!-- study:begin (written by `usmqs study --update-readme`; do not edit) -->"
+README_END = "<!-- study:end -->"
+
+
+def update_readme(readme, workdir) -> pathlib.Path:
+    """Put a complete study's table and plot into `readme` between the study markers.
+
+    The plot is copied to ``docs/<workdir name>_pareto.png`` next to `readme`; the table
+    and the reading notes are report.md's. Raises StudyError if the study is partial or
+    the README has no markers (nothing is written then).
+    """
+    import shutil
+
+    readme, workdir = pathlib.Path(readme), pathlib.Path(workdir)
+    report = (workdir / REPORT_FILE).read_text()
+    if "Status: complete." not in report:
+        raise StudyError(f"{workdir / REPORT_FILE} is not a complete study: README left as it is")
+    text = readme.read_text()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise StudyError(f"{readme}: needs exactly one {README_BEGIN!r} ... {README_END!r} block")
+    image = readme.parent / "docs" / f"{workdir.name}_pareto.png"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(workdir / PARETO_FILE, image)
+    body = report.split("\n", 1)[1].strip()  # without the "# Compression study" title
+    body = body.replace("![pareto](pareto.png)", f"![pareto]({image.relative_to(readme.parent)})")
+    body = body.replace("\n## Run costs", "\n#### Run costs")
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    _atomic_write(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
+    return image
+
+
 # ------------------------------------------------------------------------------ main
 
 
