@@ -155,17 +155,22 @@ def _uniform_qdq(x: jax.Array, bits: int, symmetric: bool, channel, tiled) -> ja
     if symmetric:
         scale = jnp.max(jnp.abs(xs), axis=red, keepdims=True) / (qmax + 0.5)
         scale = jnp.where(scale < tiny_sqrt, jnp.ones_like(scale), scale)
-        q = jnp.clip(jnp.round(xs / scale), qmin, qmax)
+        q = _plus_zero(jnp.clip(jnp.round(xs / scale), qmin, qmax))
         y = q * scale
     else:
         lo = jnp.minimum(jnp.min(xs, axis=red, keepdims=True), 0)
         hi = jnp.maximum(jnp.max(xs, axis=red, keepdims=True), 0)
         scale = (hi - lo) / (qmax - qmin)
         scale = jnp.where(scale < tiny_sqrt, jnp.ones_like(scale), scale)
-        zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
-        q = jnp.clip(jnp.round(xs / scale + zp), qmin, qmax)
+        zp = _plus_zero(jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax))
+        q = _plus_zero(jnp.clip(jnp.round(xs / scale + zp), qmin, qmax))
         y = (q - zp) * scale
     return y.reshape(x.shape)
+
+
+def _plus_zero(q: jax.Array) -> jax.Array:
+    """q with -0.0 made +0.0: codes are integers in qwix (round(-0.3) = -0.0 in float)."""
+    return jnp.where(q == 0, jnp.zeros_like(q), q)
 
 
 def _qdq(x: jax.Array, bits: int, symmetric: bool, channel, tiled) -> jax.Array:
