@@ -4,8 +4,15 @@
 
 For each preset, builds the float step and one step per compressed policy on the same
 synthetic batch, then times them round-robin (float, int4+2:4, int2+1:4, float, ...) so
-that machine noise hits all alike. Prints JSON: per preset and policy the median seconds
-per step and the ratio to float (target <= 1.10).
+that machine noise hits all alike. Prints JSON: per preset its model shape and parameter
+count, and per policy the median seconds per step and the ratio to float (target <= 1.10),
+in wall-clock time and in this process's CPU time (user + system, all threads): on a
+shared machine other jobs inflate wall time unevenly, CPU time much less.
+
+conformer_m on 2 CPU cores (~15 s per step at batch 8 x 400 frames):
+
+    .venv/bin/python bench/step_overhead.py --presets conformer_m --batch 2 --frames 200 \
+        --repeats 3 --steps 2
 """
 
 from __future__ import annotations
@@ -57,16 +64,18 @@ def build_step(preset: str, policy: str, batch: dict, vocab: int, overrides: lis
     compile_s = time.perf_counter() - t0
     holder = {"state": state}
 
-    def run(n: int) -> float:
-        t = time.perf_counter()
+    def run(n: int) -> tuple[float, float]:
+        """(wall, CPU) seconds per step over n steps."""
+        t, c = time.perf_counter(), time.process_time()
         s = holder["state"]
         for _ in range(n):
             s, m = step_fn(s, dev_batch)
         jax.block_until_ready(m["loss"])
         holder["state"] = s
-        return (time.perf_counter() - t) / n
+        return (time.perf_counter() - t) / n, (time.process_time() - c) / n
 
-    return run, compile_s
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    return run, compile_s, n_params
 
 
 def main() -> None:
@@ -86,20 +95,28 @@ def main() -> None:
         names = ["float", *args.policies.split(",")]
         runners, compile_s = {}, {}
         for name in names:
-            runners[name], compile_s[name] = build_step(preset, name, batch, vocab, [])
+            runners[name], compile_s[name], n_params = build_step(preset, name, batch, vocab, [])
             runners[name](1)  # warm
         times = {n: [] for n in names}
         for _ in range(args.repeats):
             for n in names:
                 times[n].append(runners[n](args.steps))
-        med = {n: statistics.median(v) for n, v in times.items()}
+        wall = {n: statistics.median(t for t, _ in v) for n, v in times.items()}
+        cpu = {n: statistics.median(c for _, c in v) for n, v in times.items()}
+        m = cfg.model
         out["presets"][preset] = {
-            n: {
-                "seconds_per_step": med[n],
-                "ratio_to_float": med[n] / med["float"],
-                "compile_seconds": compile_s[n],
-            }
-            for n in names
+            "model": {k: m[k] for k in ("num_layers", "model_dim", "num_heads", "ffn_dim", "conv_kernel_size")}
+            | {"params": n_params, "features": [args.batch, args.frames, m.num_mel_bins]},
+            **{
+                n: {
+                    "seconds_per_step": wall[n],
+                    "ratio_to_float": wall[n] / wall["float"],
+                    "cpu_seconds_per_step": cpu[n],
+                    "cpu_ratio_to_float": cpu[n] / cpu["float"],
+                    "compile_seconds": compile_s[n],
+                }
+                for n in names
+            },
         }
         print(json.dumps({preset: out["presets"][preset]}), file=sys.stderr, flush=True)
     print(json.dumps(out, indent=2))

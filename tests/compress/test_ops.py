@@ -95,6 +95,26 @@ def test_nm_mask_traced_n():
         np.testing.assert_array_equal(np.asarray(f(w, n)).reshape(4, 4, 5).sum(1), n)
 
 
+@pytest.mark.parametrize("shape, axis", [
+    ((16, 6), 0), ((3, 3, 8, 4), (0, 1, 2)), ((2, 10, 3, 5), (1, 2)),  # consecutive
+    ((4, 3, 6, 5), (2, 0)), ((6, 2, 5), (0, 2)),                        # not: transposed
+])
+def test_nm_mask_groups_the_flattened_axes(shape, axis):
+    """Consecutive increasing group axes (the default: a kernel's contraction axes) are
+    a reshape away; a transpose there cost a transposed mask layout and a copy per train
+    step on XLA:CPU. Either way the groups are those of the axes moved last, flattened."""
+    w = jax.random.normal(jax.random.key(2), shape)
+    consecutive = not isinstance(axis, tuple) or axis == tuple(range(axis[0], axis[0] + len(axis)))
+    prims = _primitives(jax.make_jaxpr(lambda w: ops.nm_mask(w, 2, 4, axis))(w).jaxpr)
+    assert ("transpose" in prims) != consecutive
+    axes = (axis,) if isinstance(axis, int) else axis
+    rest = [a for a in range(w.ndim) if a not in axes]
+    moved = jnp.transpose(w, rest + list(axes))
+    flat = moved.reshape(*moved.shape[: len(rest)], -1)
+    want = ops.nm_mask(flat, 2, 4, axis=-1).reshape(moved.shape)
+    np.testing.assert_array_equal(ops.nm_mask(w, 2, 4, axis), jnp.transpose(want, np.argsort(rest + list(axes))))
+
+
 def _primitives(jaxpr) -> set[str]:
     """Primitive names in a jaxpr and every sub-jaxpr (cond branches, pjit, scan ...)."""
     names = set()
@@ -170,18 +190,39 @@ def test_fake_quant_follows_the_documented_equations(bits, symmetric, shape, con
     np.testing.assert_allclose(got[off_tie], want[off_tie], rtol=1e-5, atol=1e-7)
 
 
+QWIX_KERNELS = [  # (shape, contract axes, sub-channel block)
+    ((32, 4, 5), (0,), None),            # attention projection [in, heads, head_dim]
+    ((32, 4, 5), (0,), 8),
+    ((64, 24), (0,), None),              # dense
+    ((64, 24), (0,), 16),
+    ((3, 3, 16, 8), (0, 1, 2), None),    # 2-D conv [kh, kw, in, out]
+    ((3, 3, 16, 8), (0, 1, 2), 4),
+    ((15, 1, 6), (0, 1), None),          # depthwise conv [k, 1, channels]
+]
+
+
 @pytest.mark.parametrize("qtype, bits", [(jnp.int8, 8), (jnp.int4, 4), ("int2", 2)])
-@pytest.mark.parametrize("block", [None, 8])
-def test_fake_quant_equals_qwix(qtype, bits, block):
-    w = jax.random.normal(jax.random.key(3), (32, 4, 5))  # [in, heads, head_dim]
+@pytest.mark.parametrize("shape, contract, block", QWIX_KERNELS)
+@pytest.mark.parametrize("jit", [False, True])
+def test_fake_quant_equals_qwix(qtype, bits, shape, contract, block, jit):
+    """The train-step path computes qwix's equations in float; it must equal qwix bit for
+    bit, eager and under jit (where XLA rewrites the division by the scale in both)."""
+    w = jax.random.normal(jax.random.key(bits), shape)
+    assert np.any((w < 0) & (jnp.abs(w) < 0.1))  # some round to zero from below (-0.0)
     granularity = Granularity.PER_CHANNEL if block is None else Granularity.SUB_CHANNEL
+    channel = tuple(a for a in range(len(shape)) if a not in contract)
+    tiled = {} if block is None else {max(contract): block}
     for symmetric in (True, False) if bits > 2 else (True,):
         spec = WeightSpec(weight_bits=bits, symmetric=symmetric, granularity=granularity, block_size=block)
-        ours = ops.fake_quant(w, spec, contract_axes=(0,))
-        theirs = qwix.dequantize(qwix.quantize(
-            w, qtype, channelwise_axes=(1, 2), tiled_axes={} if block is None else {0: block},
+        ours = lambda w: ops.fake_quant(w, spec, contract_axes=contract)
+        theirs = lambda w: qwix.dequantize(qwix.quantize(
+            w, qtype, channelwise_axes=channel, tiled_axes=tiled,
             calibration_method="absmax" if symmetric else "minmax"))
-        np.testing.assert_array_equal(ours, theirs)
+        if jit:
+            ours, theirs = jax.jit(ours), jax.jit(theirs)
+        # Bits, not values: -0.0 == 0.0 but the export round trip compares bits.
+        np.testing.assert_array_equal(
+            np.asarray(ours(w)).view(np.uint32), np.asarray(theirs(w)).view(np.uint32))
 
 
 @st.composite

@@ -13,11 +13,13 @@ q_max = 2^(b−1) − 1:
                  z = clip(round(q_min − lo / s), q_min, q_max),
                  q = clip(round(W / s + z), q_min, q_max),    Ŵ = (q − z) · s
 
-(round = half to even). These are qwix's equations; int8/int4 (both kinds) and int2
-symmetric go through `qwix.quantize` + `qwix.dequantize` themselves. qwix has no int16
-qtype and refuses asymmetric int2 (`get_asymmetric_bound` knows only int8/int4), so those
-two cases use `_uniform_qdq`, the same equations written out. Tests pin both paths to
-one numpy transcription of these equations, and the qwix path to qwix bit for bit.
+(round = half to even). These are qwix's equations. The train-step path (`fake_quant`,
+`compressed_weight`) computes them in float (`_uniform_qdq`), which is bit for bit
+`qwix.dequantize(qwix.quantize(...))` for int8/int4 (both kinds) and int2 symmetric
+(tests pin it, eager and jitted, per channel and sub-channel) but skips qwix's
+f32 -> int -> f32 round trip, slow on XLA:CPU. qwix has no int16 qtype and refuses
+asymmetric int2 (`get_asymmetric_bound` knows only int8/int4); the same equations cover
+them. The integer form for export (`quantize_weight`) is qwix's own `QArray`.
 
 int2 symmetric levels: codes {−2, −1, 0, 1} (2-bit two's complement, qwix 'int2'), value
 code · s with s = max|W_g| / 1.5. Since |W / s| <= 1.5 the code −2 is reached only at
@@ -149,38 +151,41 @@ def _split(x: jax.Array, channel: tuple[int, ...], tiled: dict[int, int]):
 
 
 def _uniform_qdq(x: jax.Array, bits: int, symmetric: bool, channel, tiled) -> jax.Array:
-    """Quantize-dequantize with qwix's equations (module docstring) for any bit width.
-
-    Used where qwix has no qtype (int16, asymmetric int2).
-    """
+    """Quantize-dequantize with qwix's equations (module docstring) for any bit width."""
     xs, red = _split(x, channel, tiled)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     tiny_sqrt = jnp.sqrt(jnp.finfo(x.dtype).tiny)
     if symmetric:
         scale = jnp.max(jnp.abs(xs), axis=red, keepdims=True) / (qmax + 0.5)
         scale = jnp.where(scale < tiny_sqrt, jnp.ones_like(scale), scale)
-        q = jnp.clip(jnp.round(xs / scale), qmin, qmax)
+        q = _plus_zero(jnp.clip(jnp.round(xs / scale), qmin, qmax))
         y = q * scale
     else:
         lo = jnp.minimum(jnp.min(xs, axis=red, keepdims=True), 0)
         hi = jnp.maximum(jnp.max(xs, axis=red, keepdims=True), 0)
         scale = (hi - lo) / (qmax - qmin)
         scale = jnp.where(scale < tiny_sqrt, jnp.ones_like(scale), scale)
-        zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
-        q = jnp.clip(jnp.round(xs / scale + zp), qmin, qmax)
+        zp = _plus_zero(jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax))
+        q = _plus_zero(jnp.clip(jnp.round(xs / scale + zp), qmin, qmax))
         y = (q - zp) * scale
     return y.reshape(x.shape)
 
 
+def _plus_zero(q: jax.Array) -> jax.Array:
+    """q with -0.0 made +0.0: codes are integers in qwix (round(-0.3) = -0.0 in float)."""
+    return jnp.where(q == 0, jnp.zeros_like(q), q)
+
+
 def _qdq(x: jax.Array, bits: int, symmetric: bool, channel, tiled) -> jax.Array:
-    qtype = _qwix_qtype(bits, symmetric)
-    if qtype is None:
-        return _uniform_qdq(x, bits, symmetric, channel, tiled)
-    qa = qwix.quantize(
-        x, qtype, channelwise_axes=channel, tiled_axes=tiled,
-        calibration_method="absmax" if symmetric else "minmax",
-    )
-    return qwix.dequantize(qa)
+    """The fake-quant hot path: `_uniform_qdq` for every bit width.
+
+    Bit for bit `qwix.dequantize(qwix.quantize(...))` where qwix has the qtype (tests pin
+    it, eager and jitted), without qwix's f32 -> int8/int4 -> f32 round trip: inside the
+    train step's fused weight computation those converts made int4 fake quant cost
+    ~+15 % and int2 ~+23 % of a `tiny` step on CPU (bench/step_overhead.py), the same
+    equations in float ~+4 %.
+    """
+    return _uniform_qdq(x, bits, symmetric, channel, tiled)
 
 
 def _clip_searched(x: jax.Array, spec: WeightSpec, channel, tiled) -> jax.Array:
@@ -392,24 +397,34 @@ def nm_mask(w: jax.Array, n, m: int, axis: int | Sequence[int] = -1) -> jax.Arra
     if not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be a positive int, got {m!r}")
     axes = _norm_axes(axis, w.ndim)
+    if axes == tuple(range(axes[0], axes[0] + len(axes))):
+        # Consecutive axes in increasing order (every default: a kernel's contraction
+        # axes): their row-major flattening is a reshape, no transpose. Transposes here
+        # also gave the mask a transposed layout that XLA:CPU then copied back every step.
+        before, after = w.shape[: axes[0]], w.shape[axes[-1] + 1 :]
+        keep = _nm_keep_middle(jnp.abs(w).reshape(math.prod(before), -1, math.prod(after)), n, m)
+        return keep.reshape(w.shape)
     rest = tuple(a for a in range(w.ndim) if a not in axes)
     perm = rest + axes
     a = jnp.transpose(jnp.abs(w), perm)
-    lead = a.shape[: len(rest)]
-    length = math.prod(a.shape[len(rest):])
+    keep = _nm_keep_middle(a.reshape(math.prod(a.shape[: len(rest)]), -1, 1), n, m)
+    keep = keep.reshape(a.shape)
+    return jnp.transpose(keep, tuple(perm.index(k) for k in range(w.ndim)))
+
+
+def _nm_keep_middle(a: jax.Array, n, m: int) -> jax.Array:
+    """`nm_mask` of magnitudes a [P, L, Q] with groups of m running along L."""
+    p, length, q = a.shape
     groups = -(-length // m)
-    a = a.reshape(*lead, length)
     if groups * m != length:
         # -1 < |anything|: virtual entries never outrank (nor tie with) a real one.
-        a = jnp.pad(a, [(0, 0)] * len(lead) + [(0, groups * m - length)], constant_values=-1)
-    a = a.reshape(*lead, groups, m)
-    ai, aj = a[..., :, None], a[..., None, :]
+        a = jnp.pad(a, [(0, 0), (0, groups * m - length), (0, 0)], constant_values=-1)
+    a = a.reshape(p, groups, m, q)
+    ai, aj = a[:, :, :, None, :], a[:, :, None, :, :]  # [P, G, i, j, Q]
     idx = jnp.arange(m)
-    j_before_i = idx[None, :] < idx[:, None]  # [i, j]
-    rank = jnp.sum((aj > ai) | ((aj == ai) & j_before_i), axis=-1, dtype=jnp.int32)
-    keep = (rank < n).reshape(*lead, groups * m)[..., :length]
-    keep = keep.reshape(tuple(w.shape[p] for p in perm))
-    return jnp.transpose(keep, tuple(perm.index(k) for k in range(w.ndim)))
+    j_before_i = (idx[None, :] < idx[:, None])[:, :, None]  # [i, j, 1]
+    rank = jnp.sum((aj > ai) | ((aj == ai) & j_before_i), axis=3, dtype=jnp.int32)
+    return (rank < n).reshape(p, groups * m, q)[:, :length, :]
 
 
 def is_update_step(schedule: MaskSchedule, step) -> jax.Array:
