@@ -38,11 +38,15 @@ class CompressionSetting(nnx.Variable):
     """
 
 
-def runtime_setting_values(spec: WeightSpec) -> tuple[int, int]:
-    """The [bits, N] a runtime spec's setting starts from: its own static fields."""
-    bits = 0 if spec.weight_bits is None else spec.weight_bits
-    n = RUNTIME_M if spec.nm is None else spec.nm[0]
-    return bits, n
+def runtime_setting_values(bits: int | None, nm: tuple[int, int] | None) -> jax.Array:
+    """int32 [bits, N] of a runtime setting: bits None (float values) or one of
+    `RUNTIME_BITS`; nm None (dense: N = M) or (N, M) with M = `RUNTIME_M`."""
+    b = 0 if bits is None else bits
+    if b not in RUNTIME_BITS:
+        raise ValueError(f"runtime weight bits must be None or one of {RUNTIME_BITS[1:]}, got {bits!r}")
+    if nm is not None and (nm[1] != RUNTIME_M or not 1 <= nm[0] <= RUNTIME_M):
+        raise ValueError(f"runtime N:M must be N:{RUNTIME_M} with 1 <= N <= {RUNTIME_M}, got {nm!r}")
+    return jnp.asarray([b, RUNTIME_M if nm is None else nm[0]], jnp.int32)
 
 
 class EncodedKernel:
@@ -90,7 +94,7 @@ class _Compressible(nnx.Module):
             self.mask = None
         self.setting = (
             CompressionSetting(
-                jnp.asarray(runtime_setting_values(self.spec), jnp.int32),
+                runtime_setting_values(self.spec.weight_bits, self.spec.nm),
                 out_sharding=(None,), eager_sharding=False,
             )
             if runtime
@@ -257,17 +261,11 @@ def set_runtime_setting(model: nnx.Module, bits: int, nm: tuple[int, int] | None
     M = `RUNTIME_M`. Masks are not touched: recompute them (`masks.update_masks(...,
     force=True)`) after changing N.
     """
-    b = 0 if bits is None else bits
-    if b not in RUNTIME_BITS:
-        raise ValueError(f"runtime weight bits must be None or one of {RUNTIME_BITS[1:]}, got {bits!r}")
-    if nm is not None and (nm[1] != RUNTIME_M or not 1 <= nm[0] <= RUNTIME_M):
-        raise ValueError(f"runtime N:M must be N:{RUNTIME_M} with 1 <= N <= {RUNTIME_M}, got {nm!r}")
-    n = RUNTIME_M if nm is None else nm[0]
+    values = runtime_setting_values(bits, nm)
     count = 0
     for _, node in nnx.iter_graph(model):
         if isinstance(node, _Compressible) and node.setting is not None:
-            shape = node.setting[...].shape
-            node.setting[...] = jnp.broadcast_to(jnp.asarray([b, n], jnp.int32), shape)
+            node.setting[...] = jnp.broadcast_to(values, node.setting[...].shape)
             count += 1
     return count
 

@@ -271,19 +271,21 @@ def quantize_weight(
 # ---------------------------------------------------------------------------------------
 
 
-def _forward(w, mask, spec, contract_axes):
+def _forward(w, mask, bits, spec, contract_axes):
     x = w if mask is None else jnp.where(mask, w, jnp.zeros_like(w))
-    return fake_quant(x, spec, contract_axes=contract_axes)
+    if bits is None:  # the spec's own (static) bit width
+        return fake_quant(x, spec, contract_axes=contract_axes)
+    return runtime_fake_quant(x, bits, spec, contract_axes=contract_axes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _compressed(w, mask, spec, contract_axes):
-    return _forward(w, mask, spec, contract_axes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _compressed(w, mask, bits, spec, contract_axes):
+    return _forward(w, mask, bits, spec, contract_axes)
 
 
-def _compressed_fwd(w, mask, spec, contract_axes):
+def _compressed_fwd(w, mask, bits, spec, contract_axes):
     keep_w = mask is not None and spec.prune_grad is PruneGrad.SRSTE
-    return _forward(w, mask, spec, contract_axes), (mask, w if keep_w else None)
+    return _forward(w, mask, bits, spec, contract_axes), (mask, w if keep_w else None)
 
 
 def _compressed_bwd(spec, contract_axes, res, g):
@@ -295,7 +297,7 @@ def _compressed_bwd(spec, contract_axes, res, g):
         gw = jnp.where(mask, g, jnp.zeros_like(g))
     else:  # SRSTE: the decay does not depend on g, it is added once per backward pass.
         gw = g + jnp.asarray(spec.srste_lambda, g.dtype) * jnp.where(mask, jnp.zeros_like(w), w).astype(g.dtype)
-    return gw, None
+    return gw, None, None
 
 
 _compressed.defvjp(_compressed_fwd, _compressed_bwd)
@@ -334,8 +336,8 @@ def compressed_weight(
         return w
     axes = _norm_axes(contract_axes, w.ndim)
     if spec.runtime and setting is not None:
-        return _compressed_runtime(w, mask, setting[0], spec, axes)
-    return _compressed(w, mask, spec.static(), axes)
+        return _compressed(w, mask, setting[0], spec, axes)
+    return _compressed(w, mask, None, spec.static(), axes)
 
 
 def runtime_fake_quant(w: jax.Array, bits, spec: WeightSpec, *, contract_axes: Sequence[int]) -> jax.Array:
@@ -347,7 +349,7 @@ def runtime_fake_quant(w: jax.Array, bits, spec: WeightSpec, *, contract_axes: S
     settings are written (`layers.set_runtime_setting`), not here.
     """
     widths = RUNTIME_BITS[1:]
-    index = jnp.sum(jnp.asarray([(i + 1) * (bits == b) for i, b in enumerate(widths)], jnp.int32))
+    index = jnp.select([bits == b for b in widths], list(range(1, len(widths) + 1)), 0)
     branches = [lambda x: x] + [
         functools.partial(
             fake_quant, spec=dataclasses.replace(spec, weight_bits=b, nm=None, runtime=False),
@@ -358,22 +360,6 @@ def runtime_fake_quant(w: jax.Array, bits, spec: WeightSpec, *, contract_axes: S
     return jax.lax.switch(index, branches, w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _compressed_runtime(w, mask, bits, spec, contract_axes):
-    return runtime_fake_quant(jnp.where(mask, w, jnp.zeros_like(w)), bits, spec, contract_axes=contract_axes)
-
-
-def _compressed_runtime_fwd(w, mask, bits, spec, contract_axes):
-    keep_w = spec.prune_grad is PruneGrad.SRSTE
-    return _compressed_runtime(w, mask, bits, spec, contract_axes), (mask, w if keep_w else None)
-
-
-def _compressed_runtime_bwd(spec, contract_axes, res, g):
-    gw, _ = _compressed_bwd(spec, contract_axes, res, g)
-    return gw, None, None
-
-
-_compressed_runtime.defvjp(_compressed_runtime_fwd, _compressed_runtime_bwd)
 
 
 # ---------------------------------------------------------------------------------------
