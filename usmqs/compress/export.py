@@ -58,8 +58,8 @@ Serving (`load_export`): a float-policy ConformerCTC graph from the metadata (sh
 whose compressed kernels stay packed in memory (`PackedKernel` values); inside the jitted
 forward each layer unpacks and dequantizes its own kernels, ``(q - z) * scale`` through
 `qwix.dequantize`, stacked blocks one layer at a time within the scan over layers, so the
-served model never exists as a whole in float. The export is written to a temporary sibling folder and renamed into
-place, so a reader never sees a half-written one.
+served model never exists as a whole in float. The export is written to a temporary
+sibling folder and renamed into place, so a reader never sees a half-written one.
 """
 
 from __future__ import annotations
