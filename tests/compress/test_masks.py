@@ -66,7 +66,7 @@ def _check_nm(model, n):
 
 
 def test_padded_groups_for_the_front_conv_and_the_depthwise_conv():
-    model = Tiny(Policy.named("2:4"), nnx.Rngs(0))
+    model = Tiny(Policy(rules=(Rule(nm=(2, 4)),)), nnx.Rngs(0))
     masks.update_masks(model, 0)
     conv1, dw = np.asarray(model.conv1.mask[...]), np.asarray(model.blocks.dw.mask[...])
     assert conv1.shape == (3, 3, 1, 8) and dw.shape == (NUM_LAYERS, 15, 1, 8)
@@ -163,8 +163,10 @@ def test_update_masks_under_nnx_jit_mutates_the_model_and_returns_the_masks():
     state = update(model, jnp.int32(5))  # OneShot(0): nothing due at step 5
     assert all(np.asarray(v[...]).all() for _, v in nnx.to_flat_state(state))
     state = update(model, jnp.int32(0))
-    assert {k for k, _ in nnx.to_flat_state(state)} == {
-        ("conv1", "mask"), ("blocks", "q", "mask"), ("blocks", "dw", "mask"), ("blocks", "out", "mask")}
+    # The named policies leave the front conv and the depthwise convs dense (NM_EXEMPT).
+    assert {k for k, _ in nnx.to_flat_state(state)} == {("blocks", "q", "mask"), ("blocks", "out", "mask")}
+    assert model.conv1.mask is None and model.blocks.dw.mask is None
+    assert model.conv1.spec.weight_bits == model.blocks.dw.spec.weight_bits == 4
     _check_nm(model, 2)
 
 

@@ -1,5 +1,7 @@
 """Policy rules: first match wins, config parsing, unused-rule errors, the report table."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -57,8 +59,13 @@ def test_named_policies(name):
     if name == "float":
         assert spec is None and policy.rules == ()
         return
-    # Whole model: every layer path gets the same spec.
-    assert all(policy.resolve(p) == spec for p in PATHS)
+    # Whole model quantized; N:M everywhere but the depthwise and the first conv.
+    dense = {"subsample/conv1", "blocks/conv/dw"}
+    for p in PATHS:
+        want = spec
+        if p in dense:  # dense at the setting's bits; float for plain N:M
+            want = None if bits is None else dataclasses.replace(spec, nm=None)
+        assert policy.resolve(p) == want, p
     assert spec.weight_bits == bits and spec.nm == nm
     assert spec.granularity is Granularity.PER_CHANNEL and spec.symmetric and not spec.clip_search
     assert spec.mask_schedule == OneShot(at_step=0) and spec.prune_grad is PruneGrad.MASKED

@@ -77,7 +77,7 @@ def test_runtime_setting_gives_the_static_settings_weights_bit_for_bit(name, bat
     # Every Dense/Conv carries the setting, float included.
     n_layers = len(layers.compressible_layers(model))
     assert n_layers > 0
-    assert layers.set_runtime_setting(model, *NAMED_POLICIES[name]) == n_layers
+    assert layers.set_runtime_setting(model, Policy.named(name)) == n_layers
 
 
 def test_switching_the_setting_of_a_live_model_switches_its_numbers(batch):
@@ -95,7 +95,7 @@ def test_switching_the_setting_of_a_live_model_switches_its_numbers(batch):
 
     outs = {}
     for name in ("int4+2:4", "int8", "1:4", "float"):
-        layers.set_runtime_setting(model, *NAMED_POLICIES[name])
+        layers.set_runtime_setting(model, Policy.named(name))
         outs[name] = np.asarray(forward(model, x, mask))
         np.testing.assert_allclose(outs[name], _logits(name, False, x, mask)[0], rtol=1e-5, atol=1e-5)
     assert not np.array_equal(outs["int4+2:4"], outs["float"])
@@ -134,9 +134,9 @@ def test_runtime_rules_are_validated():
         Rule(weight_bits=16, runtime=True)
     model = ConformerCTC(_model_cfg(), VOCAB, policy=Policy.named("int8", runtime=True), rngs=nnx.Rngs(params=0))
     with pytest.raises(ValueError, match="runtime weight bits"):
-        layers.set_runtime_setting(model, 3, None)
+        layers.set_runtime_setting(model, Policy(rules=(Rule(weight_bits=16),)))
     with pytest.raises(ValueError, match="N:4"):
-        layers.set_runtime_setting(model, 4, (2, 8))
+        layers.set_runtime_setting(model, Policy(rules=(Rule(weight_bits=4, nm=(2, 8)),)))
 
 
 def test_train_steps_of_different_settings_lower_to_the_same_program():

@@ -254,17 +254,20 @@ def _depthwise_1d(x: jax.Array, w: jax.Array, pads: tuple[int, int]) -> jax.Arra
     return y.astype(x.dtype)
 
 
-def set_runtime_setting(model: nnx.Module, bits: int, nm: tuple[int, int] | None) -> int:
-    """Write [bits, N] into every `CompressionSetting` of `model`; return how many layers.
+def set_runtime_setting(model: nnx.Module, policy: Policy) -> int:
+    """Write each layer's [bits, N] under `policy` into its `CompressionSetting`.
 
-    bits: None (float values) or one of `RUNTIME_BITS`; nm: None (dense) or (N, M) with
-    M = `RUNTIME_M`. Masks are not touched: recompute them (`masks.update_masks(...,
-    force=True)`) after changing N.
+    Every layer of `model` built with a runtime spec gets the bits and N:M that
+    `policy.resolve(layer.path)` gives it (no rule: float values, dense), e.g.
+    `Policy.named("int4+2:4")` keeps the layers it exempts from N:M dense. Its bits must
+    be in `RUNTIME_BITS` and its M = `RUNTIME_M`. Masks are not touched: recompute them
+    (`masks.update_masks(..., force=True)`) after changing N. Returns how many layers.
     """
-    values = runtime_setting_values(bits, nm)
     count = 0
     for _, node in nnx.iter_graph(model):
         if isinstance(node, _Compressible) and node.setting is not None:
+            spec = policy.resolve(node.path)
+            values = runtime_setting_values(*((None, None) if spec is None else (spec.weight_bits, spec.nm)))
             node.setting[...] = jnp.broadcast_to(values, node.setting[...].shape)
             count += 1
     return count
