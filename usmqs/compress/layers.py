@@ -63,6 +63,52 @@ class EncodedKernel:
         raise NotImplementedError
 
 
+@jax.tree_util.register_pytree_node_class
+class ComputedKernel(EncodedKernel):
+    """An effective kernel computed ahead of its use (`precompute_effective_kernels`):
+    `decode` returns it as it is."""
+
+    def __init__(self, value: jax.Array):
+        self.value = value
+
+    def decode(self) -> jax.Array:
+        return self.value
+
+    def tree_flatten(self):
+        return (self.value,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
+
+
+def precompute_effective_kernels(model: nnx.Module, layer_axes: int) -> None:
+    """Replace every compressed kernel of `model` (whose variables carry `layer_axes`
+    leading stacked axes) by its effective kernel, computed for all stacked layers at
+    once; gradients flow to the master kernel through `ops.compressed_weight`'s STE.
+
+    For a model whose stacked blocks are then applied with a scan: the masking and fake
+    quantization run as one pass over the whole stack, not as small per-layer ops inside
+    the scan body (and their backward as one pass over the stacked gradients). Mutates
+    `model`: call it on a merged copy of the state, not on the live model.
+    """
+    for _, node in nnx.iter_graph(model):
+        if not isinstance(node, _Compressible) or node.spec is None:
+            continue
+        if isinstance(node.kernel.get_value(), EncodedKernel):
+            continue
+        spec, axes = node.spec, node.contract_axes
+
+        def one(w, mask, setting):
+            return ops.compressed_weight(w, mask, spec, contract_axes=axes, setting=setting)
+
+        for _ in range(layer_axes):
+            one = jax.vmap(one)
+        mask = None if node.mask is None else node.mask[...]
+        setting = None if node.setting is None else node.setting[...]
+        node.kernel.set_value(ComputedKernel(one(node.kernel[...], mask, setting)))
+
+
 def _resolve(policy: Policy | None, path: str) -> WeightSpec | None:
     return None if policy is None else policy.resolve(path)
 

@@ -53,7 +53,7 @@ from flax import nnx
 from flax.core import spmd as core_spmd
 
 from usmqs import sharding as sharding_lib
-from usmqs.compress.layers import Conv, Dense
+from usmqs.compress.layers import Conv, Dense, precompute_effective_kernels
 from usmqs.compress.policy import Policy
 
 # Every logical axis name a parameter of this model may carry (a name without a rule in
@@ -562,6 +562,11 @@ class ConformerCTC(nnx.Module):
         # than nnx.scan: a train step merges params (grad tracers) with masks (jit tracers),
         # and nnx.scan refuses graph nodes whose Variables live at different trace levels.
         graphdef, stacked = nnx.split(self.blocks)
+        # Every block's effective kernels in one pass over the stack, before the scan
+        # (on a merged copy: the live model keeps its master kernels).
+        stack = nnx.merge(graphdef, stacked, copy=True)
+        precompute_effective_kernels(stack, layer_axes=1)
+        graphdef, stacked = nnx.split(stack)
 
         def body(x, xs):
             layer_state, index = xs
