@@ -383,3 +383,43 @@ def test_train_step_pattern_with_masks_traces():
 
     loss, grads = jax.eval_shape(step, params, rest, x, m)
     assert loss.shape == () and jax.tree.structure(grads) == jax.tree.structure(params)
+
+
+def test_stacked_kernels_are_compressed_before_the_scan_with_the_masked_gradient():
+    """The blocks' effective kernels are computed for all layers ahead of the scan, on a
+    copy: the live model keeps its master kernels, the forward equals a per-layer
+    computation, and pruned master weights get zero gradient."""
+    from usmqs.compress import layers as compress_layers
+    from usmqs.compress import masks
+    from usmqs.compress.policy import Policy
+
+    model = ConformerCTC({**MICRO, "dropout": 0.0, "attention_dropout": 0.0}, VOCAB,
+                         policy=Policy.named("int4+2:4"), rngs=nnx.Rngs(0))
+    masks.update_masks(model, 0)
+    x = jax.random.normal(jax.random.key(1), (2, 30, MICRO["num_mel_bins"]))
+    m = jnp.ones((2, 30), bool)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        return jnp.sum(nnx.merge(graphdef, p, rest)(x, m)[0] ** 2)
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    ffn = model.blocks.ffn1.w_in
+    assert not isinstance(ffn.kernel.get_value(), compress_layers.EncodedKernel)
+    g = np.asarray(grads["blocks"]["ffn1"]["w_in"]["kernel"][...])
+    mask = np.asarray(ffn.mask[...])
+    assert g.shape == mask.shape and mask.shape[0] == MICRO["num_layers"]
+    assert np.all(g[~mask] == 0) and np.any(g[mask] != 0)
+
+    # Reference: each layer's kernel compressed on its own (the per-layer path).
+    ref = nnx.merge(graphdef, params, rest)
+    for _, node in nnx.iter_graph(ref.blocks):
+        if isinstance(node, (compress_layers.Dense, compress_layers.Conv)) and node.spec is not None:
+            per_layer = [
+                compress_layers.ops.compressed_weight(
+                    node.kernel[...][i], None if node.mask is None else node.mask[...][i], node.spec,
+                    contract_axes=node.contract_axes)
+                for i in range(MICRO["num_layers"])
+            ]
+            node.kernel.set_value(compress_layers.ComputedKernel(jnp.stack(per_layer)))
+    np.testing.assert_allclose(float(value), float(jnp.sum(ref(x, m)[0] ** 2)), rtol=1e-5)
