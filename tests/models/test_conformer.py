@@ -390,7 +390,7 @@ def test_stacked_kernels_are_compressed_before_the_scan_with_the_masked_gradient
     copy: the live model keeps its master kernels, the forward equals a per-layer
     computation, and pruned master weights get zero gradient."""
     from usmqs.compress import layers as compress_layers
-    from usmqs.compress import masks
+    from usmqs.compress import masks, ops
     from usmqs.compress.policy import Policy
 
     model = ConformerCTC({**MICRO, "dropout": 0.0, "attention_dropout": 0.0}, VOCAB,
@@ -416,7 +416,7 @@ def test_stacked_kernels_are_compressed_before_the_scan_with_the_masked_gradient
     for _, node in nnx.iter_graph(ref.blocks):
         if isinstance(node, (compress_layers.Dense, compress_layers.Conv)) and node.spec is not None:
             per_layer = [
-                compress_layers.ops.compressed_weight(
+                ops.compressed_weight(
                     node.kernel[...][i], None if node.mask is None else node.mask[...][i], node.spec,
                     contract_axes=node.contract_axes)
                 for i in range(MICRO["num_layers"])
