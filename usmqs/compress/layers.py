@@ -12,6 +12,8 @@ uses W as is, bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from usmqs.compress import ops
-from usmqs.compress.policy import RUNTIME_BITS, RUNTIME_M, Policy, WeightSpec
+from usmqs.compress.policy import RUNTIME_M, Policy, WeightSpec, runtime_value_problems
 
 
 class SparsityMask(nnx.Variable):
@@ -41,12 +43,10 @@ class CompressionSetting(nnx.Variable):
 def runtime_setting_values(bits: int | None, nm: tuple[int, int] | None) -> jax.Array:
     """int32 [bits, N] of a runtime setting: bits None (float values) or one of
     `RUNTIME_BITS`; nm None (dense: N = M) or (N, M) with M = `RUNTIME_M`."""
-    b = 0 if bits is None else bits
-    if b not in RUNTIME_BITS:
-        raise ValueError(f"runtime weight bits must be None or one of {RUNTIME_BITS[1:]}, got {bits!r}")
-    if nm is not None and (nm[1] != RUNTIME_M or not 1 <= nm[0] <= RUNTIME_M):
-        raise ValueError(f"runtime N:M must be N:{RUNTIME_M} with 1 <= N <= {RUNTIME_M}, got {nm!r}")
-    return jnp.asarray([b, RUNTIME_M if nm is None else nm[0]], jnp.int32)
+    problems = runtime_value_problems(bits, nm)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return jnp.asarray([0 if bits is None else bits, RUNTIME_M if nm is None else nm[0]], jnp.int32)
 
 
 class EncodedKernel:
@@ -63,23 +63,16 @@ class EncodedKernel:
         raise NotImplementedError
 
 
-@jax.tree_util.register_pytree_node_class
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("value",), meta_fields=())
+@dataclasses.dataclass(frozen=True)
 class ComputedKernel(EncodedKernel):
     """An effective kernel computed ahead of its use (`precompute_effective_kernels`):
     `decode` returns it as it is."""
 
-    def __init__(self, value: jax.Array):
-        self.value = value
+    value: jax.Array
 
     def decode(self) -> jax.Array:
         return self.value
-
-    def tree_flatten(self):
-        return (self.value,), None
-
-    @classmethod
-    def tree_unflatten(cls, _, children):
-        return cls(*children)
 
 
 def precompute_effective_kernels(model: nnx.Module, layer_axes: int) -> None:

@@ -14,7 +14,7 @@ q_max = 2^(b−1) − 1:
                  q = clip(round(W / s + z), q_min, q_max),    Ŵ = (q − z) · s
 
 (round = half to even). These are qwix's equations. The train-step path (`fake_quant`,
-`compressed_weight`) computes them in float (`_uniform_qdq`), which is bit for bit
+`compressed_weight`) computes them in float (`_qdq`), which is bit for bit
 `qwix.dequantize(qwix.quantize(...))` for int8/int4 (both kinds) and int2 symmetric
 (tests pin it, eager and jitted, per channel and sub-channel) but skips qwix's
 f32 -> int -> f32 round trip, slow on XLA:CPU. qwix has no int16 qtype and refuses
@@ -150,22 +150,34 @@ def _split(x: jax.Array, channel: tuple[int, ...], tiled: dict[int, int]):
     return x.reshape(shape), tuple(reduce_axes)
 
 
-def _uniform_qdq(x: jax.Array, bits: int, symmetric: bool, channel, tiled) -> jax.Array:
-    """Quantize-dequantize with qwix's equations (module docstring) for any bit width."""
+def _asymmetric_scale_zero(xs: jax.Array, red, qmin: int, qmax: int) -> tuple[jax.Array, jax.Array]:
+    """Asymmetric (minmax) scale and zero point per group of `xs` (module docstring)."""
+    lo = jnp.minimum(jnp.min(xs, axis=red, keepdims=True), 0)
+    hi = jnp.maximum(jnp.max(xs, axis=red, keepdims=True), 0)
+    scale = (hi - lo) / (qmax - qmin)
+    scale = jnp.where(scale < jnp.sqrt(jnp.finfo(xs.dtype).tiny), jnp.ones_like(scale), scale)
+    return scale, _plus_zero(jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax))
+
+
+def _qdq(x: jax.Array, bits: int, symmetric: bool, channel, tiled) -> jax.Array:
+    """The fake-quant hot path: quantize-dequantize with qwix's equations (module
+    docstring) in float, for every bit width.
+
+    Bit for bit `qwix.dequantize(qwix.quantize(...))` where qwix has the qtype (tests pin
+    it, eager and jitted), without qwix's f32 -> int8/int4 -> f32 round trip: inside the
+    train step's fused weight computation those converts made int4 fake quant cost
+    ~+15 % and int2 ~+23 % of a `tiny` step on CPU (bench/step_overhead.py), the same
+    equations in float ~+4 %.
+    """
     xs, red = _split(x, channel, tiled)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    tiny_sqrt = jnp.sqrt(jnp.finfo(x.dtype).tiny)
     if symmetric:
         scale = jnp.max(jnp.abs(xs), axis=red, keepdims=True) / (qmax + 0.5)
-        scale = jnp.where(scale < tiny_sqrt, jnp.ones_like(scale), scale)
+        scale = jnp.where(scale < jnp.sqrt(jnp.finfo(x.dtype).tiny), jnp.ones_like(scale), scale)
         q = _plus_zero(jnp.clip(jnp.round(xs / scale), qmin, qmax))
         y = q * scale
     else:
-        lo = jnp.minimum(jnp.min(xs, axis=red, keepdims=True), 0)
-        hi = jnp.maximum(jnp.max(xs, axis=red, keepdims=True), 0)
-        scale = (hi - lo) / (qmax - qmin)
-        scale = jnp.where(scale < tiny_sqrt, jnp.ones_like(scale), scale)
-        zp = _plus_zero(jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax))
+        scale, zp = _asymmetric_scale_zero(xs, red, qmin, qmax)
         q = _plus_zero(jnp.clip(jnp.round(xs / scale + zp), qmin, qmax))
         y = (q - zp) * scale
     return y.reshape(x.shape)
@@ -174,18 +186,6 @@ def _uniform_qdq(x: jax.Array, bits: int, symmetric: bool, channel, tiled) -> ja
 def _plus_zero(q: jax.Array) -> jax.Array:
     """q with -0.0 made +0.0: codes are integers in qwix (round(-0.3) = -0.0 in float)."""
     return jnp.where(q == 0, jnp.zeros_like(q), q)
-
-
-def _qdq(x: jax.Array, bits: int, symmetric: bool, channel, tiled) -> jax.Array:
-    """The fake-quant hot path: `_uniform_qdq` for every bit width.
-
-    Bit for bit `qwix.dequantize(qwix.quantize(...))` where qwix has the qtype (tests pin
-    it, eager and jitted), without qwix's f32 -> int8/int4 -> f32 round trip: inside the
-    train step's fused weight computation those converts made int4 fake quant cost
-    ~+15 % and int2 ~+23 % of a `tiny` step on CPU (bench/step_overhead.py), the same
-    equations in float ~+4 %.
-    """
-    return _uniform_qdq(x, bits, symmetric, channel, tiled)
 
 
 def _clip_searched(x: jax.Array, spec: WeightSpec, channel, tiled) -> jax.Array:
@@ -251,11 +251,7 @@ def quantize_weight(
     bits = spec.weight_bits
     xs, red = _split(x, channel, tiled)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    lo = jnp.minimum(jnp.min(xs, axis=red, keepdims=True), 0)
-    hi = jnp.maximum(jnp.max(xs, axis=red, keepdims=True), 0)
-    scale = (hi - lo) / (qmax - qmin)
-    scale = jnp.where(scale < jnp.sqrt(jnp.finfo(x.dtype).tiny), jnp.ones_like(scale), scale)
-    zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
+    scale, zp = _asymmetric_scale_zero(xs, red, qmin, qmax)
     q = jnp.clip(jnp.round(xs / scale + zp), qmin, qmax).reshape(x.shape)
     # Scale/zero point back to qwix's layout: one entry per group, same rank as x.
     group_shape = tuple(
@@ -358,8 +354,6 @@ def runtime_fake_quant(w: jax.Array, bits, spec: WeightSpec, *, contract_axes: S
         for b in widths
     ]
     return jax.lax.switch(index, branches, w)
-
-
 
 
 # ---------------------------------------------------------------------------------------

@@ -275,15 +275,24 @@ def _validate_behaviour(obj: Any, owner: str) -> None:
     if not obj.srste_lambda >= 0:
         raise ValueError(f"{owner}.srste_lambda must be >= 0, got {obj.srste_lambda!r}")
     if obj.runtime:
-        problems = []
-        if obj.weight_bits not in (None, *RUNTIME_BITS[1:]):
-            problems.append(f"weight_bits {obj.weight_bits!r} not in {RUNTIME_BITS[1:]} or None")
-        if obj.nm is not None and obj.nm[1] != RUNTIME_M:
-            problems.append(f"nm {obj.nm[0]}:{obj.nm[1]} has M != {RUNTIME_M}")
+        problems = runtime_value_problems(obj.weight_bits, obj.nm)
         if not isinstance(obj.mask_schedule, OneShot):
             problems.append("mask_schedule must be OneShot")
         if problems:
             raise ValueError(f"{owner}.runtime: " + "; ".join(problems))
+
+
+def runtime_value_problems(bits: int | None, nm: tuple[int, int] | None) -> list[str]:
+    """What keeps (bits, N:M) from being a runtime setting (`RUNTIME_BITS`, M =
+    `RUNTIME_M`, 1 <= N <= M); empty when it is one."""
+    problems = []
+    if bits not in (None, *RUNTIME_BITS[1:]):
+        problems.append(f"runtime weight bits must be None or one of {RUNTIME_BITS[1:]}, got weight_bits {bits!r}")
+    if nm is not None and (nm[1] != RUNTIME_M or not 1 <= nm[0] <= RUNTIME_M):
+        problems.append(
+            f"nm {nm[0]}:{nm[1]} has M != {RUNTIME_M} or N outside 1..{RUNTIME_M}: runtime N:M must be N:{RUNTIME_M}"
+        )
+    return problems
 
 
 # The DESIGN.md shorthands: name -> (weight_bits, nm).

@@ -561,12 +561,11 @@ class ConformerCTC(nnx.Module):
         # Functional scan over the stacked block state (split -> lax.scan -> merge) rather
         # than nnx.scan: a train step merges params (grad tracers) with masks (jit tracers),
         # and nnx.scan refuses graph nodes whose Variables live at different trace levels.
-        graphdef, stacked = nnx.split(self.blocks)
         # Every block's effective kernels in one pass over the stack, before the scan
-        # (on a merged copy: the live model keeps its master kernels).
-        stack = nnx.merge(graphdef, stacked, copy=True)
-        precompute_effective_kernels(stack, layer_axes=1)
-        graphdef, stacked = nnx.split(stack)
+        # (on a copy: the live model keeps its master kernels).
+        blocks = nnx.clone(self.blocks)
+        precompute_effective_kernels(blocks, layer_axes=1)
+        graphdef, stacked = nnx.split(blocks)
 
         def body(x, xs):
             layer_state, index = xs
