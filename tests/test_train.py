@@ -198,3 +198,90 @@ def test_init_from_loads_float_weights_and_ptq_masks(small_corpus, tmp_path):
     kept_min = np.where(m.reshape(wg.shape), wg, np.inf).min(axis=2)
     dropped_max = np.where(~m.reshape(wg.shape), wg, -np.inf).max(axis=2)
     assert (kept_min >= dropped_max).all()
+
+
+def test_distill_loss_is_the_masked_kl_of_the_posteriors():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(2, 5, 7)).astype(np.float32), rng.normal(size=(2, 5, 7)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    for temp in (1.0, 2.0):
+        ls = s / temp - np.log(np.exp(s / temp).sum(-1, keepdims=True))
+        lt = t / temp - np.log(np.exp(t / temp).sum(-1, keepdims=True))
+        kl = (np.exp(lt) * (lt - ls)).sum(-1)
+        expected = temp**2 * kl[mask].mean()
+        assert float(train.distill_loss(s, t, mask, temp)) == pytest.approx(expected, rel=1e-5)
+    assert float(train.distill_loss(t, t, mask, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    # Padded frames do not count: changing them changes nothing.
+    s2 = s.copy()
+    s2[0, 3:] = 100.0
+    assert float(train.distill_loss(s2, t, mask, 1.0)) == pytest.approx(float(train.distill_loss(s, t, mask, 1.0)))
+
+
+def test_distillation_config_errors(small_corpus):
+    cfg = tiny_config(small_corpus, policy="int4+2:4")
+    cfg.train.distill_weight = 0.5
+    with pytest.raises(ValueError, match="init_from"):
+        train.distills(cfg)
+    cfg.init_from = "/somewhere"
+    cfg.train.distill_weight = 1.5
+    with pytest.raises(ValueError, match="distill_weight"):
+        train.distills(cfg)
+    cfg.train.distill_weight = 0.5
+    cfg.train.distill_temperature = 0.0
+    with pytest.raises(ValueError, match="distill_temperature"):
+        train.distills(cfg)
+
+
+def test_distillation_pulls_the_compressed_student_to_the_float_teacher(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, steps=4)
+    cfg.eval.at_end = False
+    train.train_and_evaluate(cfg, tmp_path / "float")
+    tok = train.load_or_train_tokenizer(cfg, tmp_path / "float", "")
+    _, batch = _first_batch(cfg, tmp_path / "float")
+
+    def first_losses(policy, steps):
+        c = tiny_config(small_corpus, policy=policy, steps=steps)
+        c.init_from = str(tmp_path / "float")
+        c.train.distill_weight = 1.0
+        c.train.learning_rate = 3e-3
+        c.train.warmup_steps = 1
+        setup = train.build(c, tok.vocab_size)
+        step_fn, batch_sh = train.make_train_step(setup, c)
+        state = train.load_float_weights(setup, setup.init_fn(jax.random.PRNGKey(0)), c.init_from)
+        teacher = train.load_params(setup, c.init_from)
+        dev = train.device_batch(batch, batch_sh)
+        out = []
+        for _ in range(steps):
+            state, m = step_fn(state, dev, teacher)
+            out.append({k: float(v) for k, v in m.items()})
+        return out
+
+    # Float student = teacher: nothing to distil (the KL of identical posteriors is 0).
+    same = first_losses("float", 1)[0]
+    assert same["distill_loss"] == pytest.approx(0.0, abs=1e-6) and same["ctc_loss"] > 0
+    assert same["loss"] == pytest.approx(same["distill_loss"])  # weight 1: KL alone
+    # int4+2:4 student: the KL is positive and the distillation steps shrink it.
+    comp = first_losses("int4+2:4", 8)
+    assert comp[0]["distill_loss"] > 1e-3
+    assert comp[-1]["distill_loss"] < 0.7 * comp[0]["distill_loss"], [m["distill_loss"] for m in comp]
+
+
+def test_distillation_run_resumes_to_the_same_weights(small_corpus, tmp_path):
+    """The teacher is reloaded from init_from on resume: 4 steps straight == 2 + 2."""
+    cfg = tiny_config(small_corpus, steps=2)
+    cfg.eval.at_end = False
+    train.train_and_evaluate(cfg, tmp_path / "float")
+    losses = {}
+    for name, legs in (("straight", (4,)), ("resumed", (2, 4))):
+        for steps in legs:
+            c = tiny_config(small_corpus, policy="int4+2:4", steps=steps)
+            c.eval.at_end = False
+            c.init_from = str(tmp_path / "float")
+            c.train.distill_weight = 0.5
+            c.train.distill_temperature = 2.0
+            train.train_and_evaluate(c, tmp_path / name)
+        rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert {"ctc_loss", "distill_loss"} <= set(rows[-1]) and rows[-1]["step"] == 4
+        losses[name] = rows[-1]
+    assert losses["resumed"]["loss"] == pytest.approx(losses["straight"]["loss"], rel=1e-5)
+    assert losses["resumed"]["distill_loss"] == pytest.approx(losses["straight"]["distill_loss"], rel=1e-5)

@@ -174,7 +174,8 @@ def compile_train_step(config, *, vocab_size: int | None = None, frames: int | N
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state))
 
     t0 = time.perf_counter()
-    lowered = step_fn.lower(state, batch)
+    teacher = (state.params,) if train.distills(config) else ()  # frozen float weights
+    lowered = step_fn.lower(state, batch, *teacher)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = lowered.compile()

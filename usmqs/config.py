@@ -125,6 +125,10 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
             end_lr_ratio=0.05,
             weight_decay=1e-3,
             grad_clip=5.0,
+            # Distillation from the init_from float run (frame-level KL of the CTC
+            # posteriors): loss = (1 - w)·CTC + w·T²·KL. 0 = off.
+            distill_weight=0.0,
+            distill_temperature=1.0,
             log_every=20,
             checkpoint_every=200,
             keep_checkpoints=2,

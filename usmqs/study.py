@@ -107,6 +107,8 @@ def default_study_config() -> ml_collections.ConfigDict:
                     end_lr_ratio=None,
                     weight_decay=None,
                     grad_clip=None,
+                    distill_weight=None,  # > 0: distil from the baseline (train.py)
+                    distill_temperature=None,
                     log_every=None,
                     checkpoint_every=None,
                 )

@@ -144,6 +144,7 @@ class Setup:
     state_shardings: Any
     abstract_state: Any
     policy: Policy | None
+    vocab_size: int
 
 
 def build(config, vocab_size: int, mesh=None) -> Setup:
@@ -168,7 +169,7 @@ def build(config, vocab_size: int, mesh=None) -> Setup:
     abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
     logical = nnx.get_partition_spec(abstract_state)
     shardings = sharding_lib.tree_shardings(abstract_state, logical, mesh, config.mesh.rules)
-    setup = Setup(graphdef, tx, schedule, mesh, shardings, abstract_state, policy)
+    setup = Setup(graphdef, tx, schedule, mesh, shardings, abstract_state, policy, vocab_size)
     setup.init_fn = jax.jit(init, out_shardings=shardings)
     return setup
 
@@ -200,21 +201,73 @@ def ctc_loss(logits, out_mask, labels, label_mask):
     return total / jnp.maximum(num_labels.sum(), 1), valid.sum()
 
 
-def make_train_step(setup: Setup, config):
-    graphdef, tx = setup.graphdef, setup.tx
+def distill_loss(logits, teacher_logits, out_mask, temperature: float):
+    """Frame-level KL(teacher || student) of the CTC posteriors at `temperature`, times
+    temperature², averaged over the valid frames (out_mask 1).
 
-    def loss_fn(params, rest, batch, rng):
+    The student is initialized from the teacher (`init_from`), so both share the CTC
+    alignment and frame-wise matching is meaningful (no sequence-level distillation needed).
+    """
+    log_ps = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    log_pt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+    m = out_mask.astype(jnp.float32)
+    return temperature**2 * jnp.sum(kl * m) / jnp.maximum(m.sum(), 1.0)
+
+
+def distills(config) -> bool:
+    """Whether the run distils from a float teacher (`train.distill_weight` > 0)."""
+    weight = config.train.get("distill_weight", 0.0)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"train.distill_weight must be in [0, 1], got {weight!r}")
+    if weight and not config.init_from:
+        raise ValueError("train.distill_weight > 0 needs init_from: the float run to distil from")
+    if weight and not config.train.get("distill_temperature", 1.0) > 0:
+        raise ValueError(f"train.distill_temperature must be > 0, got {config.train.distill_temperature!r}")
+    return weight > 0
+
+
+def teacher_graphdef(config, vocab_size: int):
+    """Graph of the frozen float teacher: the same model without a policy (weights only)."""
+    abstract = nnx.eval_shape(lambda: make_model(config, vocab_size, None, jax.random.key(0)))
+    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("the float teacher model has non-parameter state; distillation expects none")
+    return graphdef
+
+
+def make_train_step(setup: Setup, config):
+    """The jitted, donated step: `step(state, batch)`, or with distillation (`distills`)
+    `step(state, batch, teacher_params)` (the init_from weights, sharded like `params`)."""
+    graphdef, tx = setup.graphdef, setup.tx
+    distill = distills(config)
+    alpha = float(config.train.get("distill_weight", 0.0))
+    temperature = float(config.train.get("distill_temperature", 1.0))
+    t_graphdef = teacher_graphdef(config, setup.vocab_size) if distill else None
+
+    def loss_fn(params, rest, batch, rng, teacher_logits):
         model = nnx.merge(graphdef, params, rest)
         logits, out_mask = model(batch["features"], batch["feature_mask"], rng=rng)
         loss, _ = ctc_loss(logits, out_mask, batch["labels"], batch["label_mask"])
-        return loss
+        if teacher_logits is None:
+            return loss, {}
+        kl = distill_loss(logits, teacher_logits, out_mask, temperature)
+        return (1.0 - alpha) * loss + alpha * kl, {"ctc_loss": loss, "distill_loss": kl}
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, teacher_params=None):
         rng = jax.random.fold_in(state.rng, state.step)
+        teacher_logits = None
+        if teacher_params is not None:
+            teacher = nnx.merge(t_graphdef, teacher_params, nnx.State({}))
+            teacher_logits = jax.lax.stop_gradient(
+                teacher(batch["features"], batch["feature_mask"], rng=None)[0]
+            )
         model = nnx.merge(graphdef, state.params, state.rest)
         masks_lib.update_masks(model, state.step)
         _, _, rest = nnx.split(model, nnx.Param, ...)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, rest, batch, rng)
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, rest, batch, rng, teacher_logits
+        )
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -227,16 +280,19 @@ def make_train_step(setup: Setup, config):
             rest=rest,
             opt_state=keep(opt_state, state.opt_state),
         )
-        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": 1 - finite.astype(jnp.int32)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": 1 - finite.astype(jnp.int32), **parts}
         return new_state, metrics
 
     batch_sh = {
         k: sharding_lib.batch_sharding(setup.mesh, nd, config.mesh.rules)
         for k, nd in (("features", 3), ("feature_mask", 2), ("labels", 2), ("label_mask", 2))
     }
+    in_shardings = (setup.state_shardings, batch_sh)
+    if distill:
+        in_shardings += (setup.state_shardings.params,)
     jitted = jax.jit(
         train_step,
-        in_shardings=(setup.state_shardings, batch_sh),
+        in_shardings=in_shardings,
         out_shardings=(setup.state_shardings, None),
         donate_argnums=(0,),
     )
@@ -326,6 +382,12 @@ def load_float_weights(setup: Setup, state: TrainState, src: str) -> TrainState:
     the loaded weights (the final N:M pattern, as at step 0), so a run with 0 steps is
     post-training compression of the source model.
     """
+    return init_masks(setup, state.replace(params=load_params(setup, src)))
+
+
+def load_params(setup: Setup, src: str):
+    """The weights of `src`'s latest checkpoint, shaped and sharded like this run's params
+    (also the distillation teacher's weights)."""
     src_dir = pathlib.Path(src)
     mngr = ocp.CheckpointManager((src_dir / "checkpoints").absolute())
     step = mngr.latest_step()
@@ -354,7 +416,7 @@ def load_float_weights(setup: Setup, state: TrainState, src: str) -> TrainState:
         ) from e
     mngr.close()
     log.info("init_from %s: loaded weights of step %d", src, step)
-    return init_masks(setup, state.replace(params=restored.state["params"]))
+    return restored.state["params"]
 
 
 def init_masks(setup: Setup, state: TrainState) -> TrainState:
@@ -439,6 +501,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if config.init_from:
             state = load_float_weights(setup, state, config.init_from)
 
+    # Distillation: the init_from weights, frozen, as the teacher (reloaded on resume).
+    teacher = (load_params(setup, config.init_from),) if distills(config) else ()
+
     num_steps = config.train.num_steps
     start = int(jax.device_get(state.step))
     progress = Progress(num_steps, start, label=config.get("label", ""))
@@ -446,7 +511,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(workdir / "metrics.jsonl", "a") if primary else contextlib.nullcontext() as mfile:
         for step in range(start, num_steps):
             batch = device_batch(next(it), batch_sh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, *teacher)
             last = step + 1 == num_steps
             if (step + 1) % config.train.log_every == 0 or last:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -457,8 +522,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     mfile.write(json.dumps(m) + "\n")
                     mfile.flush()
                 if writer is not None:
-                    for k in ("loss", "grad_norm", "lr"):
-                        writer.add_scalar(f"train/{k}", m[k], step + 1)
+                    for k in ("loss", "grad_norm", "lr", "ctc_loss", "distill_loss"):
+                        if k in m:
+                            writer.add_scalar(f"train/{k}", m[k], step + 1)
             if (step + 1) % config.train.checkpoint_every == 0 or last:
                 save_state(mngr, state, it.get_state())
     if mngr.latest_step() != int(jax.device_get(state.step)):
