@@ -84,8 +84,15 @@ def test_study_end_to_end_rerun_and_resume(small_corpus, tmp_path, jax_cache, ca
     assert by[("float", "float")]["bits_per_weight"] == 32.0
     assert by[("int8", "qat")]["bits_per_weight"] == pytest.approx(8.0)
     assert by[("int4+2:4", "qat")]["bits_per_weight"] == pytest.approx(3.0, abs=0.05)
+    def stored(name, m):  # model bytes less the Orbax/OCDBT container's bookkeeping
+        size = json.loads((wd / f"{m}/{name}/export/size.json").read_text())
+        return size["model_bytes"] - size["bytes"]["container"]
+
     for m in ("ptq", "qat"):
-        assert by[("int4+2:4", m)]["size_ratio"] < by[("int8", m)]["size_ratio"] < by[("float", "float")]["size_ratio"]
+        assert by[("int8", m)]["size_ratio"] < by[("float", "float")]["size_ratio"]
+        # The container's bytes vary with write timing (41-123 KB measured for this
+        # 96K-parameter model, more than the int8 vs int4+2:4 payload gap): compare the rest.
+        assert stored("int4+2:4", m) < stored("int8", m)
     # PTQ is the float model compressed without steps; QAT ran the fine-tuning budget.
     assert json.loads((wd / "ptq/int8/eval.json").read_text())["step"] == 0
     assert json.loads((wd / "qat/int8/eval.json").read_text())["step"] == 2
