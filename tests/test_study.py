@@ -308,3 +308,23 @@ def test_compilation_cache_is_scoped(tmp_path):
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
     assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_full_recipe_fine_tunes_a_quarter_of_tiny_with_distillation(tmp_path):
+    from usmqs import train
+
+    tiny = config_lib.load_config(f"{ROOT / 'configs/tiny.py'}")
+    cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}:full,settings=int4+2:4")
+    study.validate_study_config(cfg)
+    assert cfg.train.num_steps == tiny.train.num_steps == 4 * cfg.study.finetune_steps
+    assert cfg.study.settings == ("int4+2:4",)
+    for name in ("int4+2:4", "float"):  # the float control gets the same recipe
+        qat = study.run_config(cfg, study.StudyRun(study.Method.QAT, name), tmp_path)
+        assert qat.train.num_steps == tiny.train.num_steps // 4
+        assert qat.train.learning_rate == tiny.train.learning_rate / 2
+        assert qat.train.distill_weight == 0.5 and train.distills(qat)
+        assert qat.init_from == str(tmp_path / "float")  # the teacher is the baseline
+        spec = train.make_policy(qat).resolve("blocks/ffn1/w_in")
+        assert spec.runtime and spec.prune_grad.value == "srste" and spec.mask_schedule.every == 50
+    baseline = study.run_config(cfg, study.BASELINE, tmp_path)
+    assert not train.distills(baseline) and baseline.train.learning_rate == tiny.train.learning_rate

@@ -137,7 +137,12 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     # name: a named setting (DESIGN.md) or, with rules, the label of a custom policy.
     # runtime: compile the named setting's bits and N:M as runtime values, so that every
     # named setting (float included) runs the same compiled program (the study uses it).
-    c.policy = ml_collections.ConfigDict(dict(name="float", rules=(), runtime=False))
+    # mask_every, prune_grad, srste_lambda: the N:M rule of a named policy: masks
+    # recomputed every k steps (0: one-shot at step 0), gradient to pruned weights
+    # ("masked", "ste", "srste") and SR-STE's decay (custom rules carry their own).
+    c.policy = ml_collections.ConfigDict(
+        dict(name="float", rules=(), runtime=False, mask_every=0, prune_grad="masked", srste_lambda=2e-4)
+    )
     c.eval = ml_collections.ConfigDict(dict(decoder="greedy", beam_size=8, at_end=True))
     c.mesh = sharding.mesh_config()
     c.distributed = distributed.distributed_config()  # multi-process start-up

@@ -31,7 +31,7 @@ from usmqs import distributed
 from usmqs import sharding as sharding_lib
 from usmqs.compress import masks as masks_lib
 from usmqs.compress.layers import compressible_layers
-from usmqs.compress.policy import Policy
+from usmqs.compress.policy import Every, OneShot, Policy, PruneGrad
 from usmqs.data import pipeline
 from usmqs.data.tokenizer import Tokenizer
 from usmqs.models.conformer import ConformerCTC
@@ -105,13 +105,34 @@ def cache_dir(config, workdir: pathlib.Path) -> pathlib.Path:
 # ---------------------------------------------------------------------------- model
 
 
+# Options of a named policy's N:M rule (config.policy keys) and their defaults.
+NAMED_PRUNING_DEFAULTS = {"mask_every": 0, "prune_grad": "masked", "srste_lambda": 2e-4}
+
+
 def make_policy(config) -> Policy:
-    runtime = config.policy.get("runtime", False)
-    if config.policy.rules:
-        if runtime:
-            raise ValueError("policy.runtime applies to named policies: leave policy.rules empty")
-        return Policy.from_config([dict(r) for r in config.policy.rules])
-    return Policy.named(config.policy.name, runtime=runtime)
+    p = config.policy
+    runtime = p.get("runtime", False)
+    pruning = {k: p.get(k, v) for k, v in NAMED_PRUNING_DEFAULTS.items()}
+    if p.rules:
+        changed = [k for k, v in pruning.items() if v != NAMED_PRUNING_DEFAULTS[k]]
+        if runtime or changed:
+            raise ValueError(
+                f"policy.{'runtime' if runtime else changed[0]} applies to named policies "
+                "(custom policy.rules carry their own fields): leave policy.rules empty"
+            )
+        return Policy.from_config([dict(r) for r in p.rules])
+    if pruning["prune_grad"] not in {g.value for g in PruneGrad}:
+        raise ValueError(f"policy.prune_grad must be one of {[g.value for g in PruneGrad]}, got {pruning['prune_grad']!r}")
+    every = pruning["mask_every"]
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"policy.mask_every must be an int >= 0 (0: one-shot at step 0), got {every!r}")
+    return Policy.named(
+        p.name,
+        runtime=runtime,
+        mask_schedule=Every(every=every) if every else OneShot(),
+        prune_grad=PruneGrad(pruning["prune_grad"]),
+        srste_lambda=float(pruning["srste_lambda"]),
+    )
 
 
 def make_model(config, vocab_size: int, policy: Policy | None, rng) -> ConformerCTC:

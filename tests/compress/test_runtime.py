@@ -163,3 +163,46 @@ def test_train_steps_of_different_settings_lower_to_the_same_program():
     cfg.policy.runtime = False
     setup = train.build(cfg, VOCAB)
     assert train.make_train_step(setup, cfg)[0].lower(setup.abstract_state, batch).as_text() != texts["1:4"]
+
+
+def test_runtime_settings_recompute_masks_every_k_steps_with_srste():
+    """The study's sparse fine-tuning recipe: runtime N, masks re-ranked every k steps
+    from the dense master weights (SR-STE keeps the pruned ones learning)."""
+    from usmqs.compress.policy import Every, Gradual, PruneGrad
+
+    policy = Policy.named("int4+2:4", runtime=True, mask_schedule=Every(every=3), prune_grad=PruneGrad.SRSTE)
+    spec = policy.resolve("blocks/ffn1/w_in")
+    assert spec.mask_schedule == Every(every=3) and spec.prune_grad is PruneGrad.SRSTE
+    # The N:M-exempt layers keep the default rule; Gradual needs a static N.
+    assert policy.resolve("blocks/conv/dw").mask_schedule != Every(every=3)
+    with pytest.raises(ValueError, match="OneShot or Every"):
+        Policy.named("int4+2:4", runtime=True, mask_schedule=Gradual(begin=0, end=10))
+
+    w = jax.random.normal(jax.random.key(3), (2, 16, 8))  # two scanned layers
+    old = jnp.stack([ops.nm_mask(-jnp.abs(w[i]), 2, 4, 0) for i in range(2)])  # stale masks
+    keep_n = jnp.asarray([2, 4], jnp.int32)  # layer 0 at 2:4, layer 1 dense (N = M)
+    update = lambda step: ops.mask_update(w, old, spec, step, contract_axes=(0,), layer_axes=1, keep_n=keep_n)
+    np.testing.assert_array_equal(update(1), old)  # off schedule: unchanged
+    new = update(3)
+    np.testing.assert_array_equal(new[0], ops.nm_mask(w[0], 2, 4, 0))  # re-ranked by |W|
+    assert bool(new[1].all())  # N = M keeps every weight
+
+
+def test_config_sets_the_named_policys_pruning_and_rejects_bad_values():
+    from usmqs.compress.policy import Every, PruneGrad
+
+    cfg = config_lib.base_config("tiny")
+    config_lib.apply_overrides(cfg, ["policy.name=2:4", "policy.mask_every=50", "policy.prune_grad=srste"])
+    spec = train.make_policy(cfg).resolve("blocks/attn/q")
+    assert spec.mask_schedule == Every(every=50) and spec.prune_grad is PruneGrad.SRSTE
+    cfg.policy.prune_grad = "sr-ste"
+    with pytest.raises(ValueError, match="policy.prune_grad"):
+        train.make_policy(cfg)
+    cfg.policy.prune_grad = "masked"
+    cfg.policy.mask_every = -1
+    with pytest.raises(ValueError, match="policy.mask_every"):
+        train.make_policy(cfg)
+    cfg.policy.mask_every = 5
+    cfg.policy.rules = ({"module_path": ".*", "nm": "2:4"},)
+    with pytest.raises(ValueError, match="policy.mask_every applies to named policies"):
+        train.make_policy(cfg)

@@ -22,8 +22,10 @@ kernels, 0.4 % of the weights, cost 10 of PTQ 2:4's 35 points of WER; QAT int4+2
 (375 steps) went from +16.5 % to +8.0 % relative WER when both were left dense, for
 +0.01 % of the fp32 size. N:M groups run along the layer's contraction axes (flattened,
 input channel innermost; rows whose length is not a multiple of M end in a padded
-partial group, see `ops.nm_mask`), mask computed one-shot at step 0 from the weights
-then, gradient only to kept weights (`PruneGrad.MASKED`).
+partial group, see `ops.nm_mask`), by default mask computed one-shot at step 0 from the
+weights then, gradient only to kept weights (`PruneGrad.MASKED`); `Policy.named` takes
+another schedule and pruning gradient for the N:M rule (config: `policy.mask_every`,
+`policy.prune_grad`, `policy.srste_lambda`).
 """
 
 from __future__ import annotations
@@ -276,8 +278,8 @@ def _validate_behaviour(obj: Any, owner: str) -> None:
         raise ValueError(f"{owner}.srste_lambda must be >= 0, got {obj.srste_lambda!r}")
     if obj.runtime:
         problems = runtime_value_problems(obj.weight_bits, obj.nm)
-        if not isinstance(obj.mask_schedule, OneShot):
-            problems.append("mask_schedule must be OneShot")
+        if isinstance(obj.mask_schedule, Gradual):  # N is the layer's setting: no ramp
+            problems.append("mask_schedule must be OneShot or Every")
         if problems:
             raise ValueError(f"{owner}.runtime: " + "; ".join(problems))
 
@@ -332,19 +334,32 @@ class Policy:
     # ---- construction -------------------------------------------------------------
 
     @classmethod
-    def named(cls, name: str, *, runtime: bool = False) -> Policy:
+    def named(
+        cls,
+        name: str,
+        *,
+        runtime: bool = False,
+        mask_schedule: MaskSchedule = OneShot(),
+        prune_grad: PruneGrad = PruneGrad.MASKED,
+        srste_lambda: float = 2e-4,
+    ) -> Policy:
         """The DESIGN.md shorthand `name` (see module docstring for what it compresses).
 
         runtime=True: the same setting as runtime values (`WeightSpec.runtime`): every
         name, 'float' included, then builds the same model structure and compiles to the
         same program; only the values of the layers' `CompressionSetting` differ.
+        mask_schedule, prune_grad, srste_lambda: those of the N:M rule (the catch-all of
+        an N:M or runtime setting; ignored by the dense names, whose masks are all-ones).
         """
         if name not in NAMED_POLICIES:
             raise ValueError(f"unknown policy name {name!r}; known: {' '.join(NAMED_POLICIES)}")
         bits, nm = NAMED_POLICIES[name]
         if bits is None and nm is None and not runtime:
             return cls(rules=())
-        rules = [Rule(module_path=".*", weight_bits=bits, nm=nm, runtime=runtime)]
+        pruning = {}
+        if nm is not None or runtime:
+            pruning = dict(mask_schedule=mask_schedule, prune_grad=prune_grad, srste_lambda=srste_lambda)
+        rules = [Rule(module_path=".*", weight_bits=bits, nm=nm, runtime=runtime, **pruning)]
         if nm is not None or runtime:  # runtime: the same two rules for every name
             rules.insert(0, Rule(module_path=NM_EXEMPT, weight_bits=bits, runtime=runtime))
         return cls(rules=tuple(rules))
