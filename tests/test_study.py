@@ -326,5 +326,7 @@ def test_full_recipe_fine_tunes_a_quarter_of_tiny_with_distillation(tmp_path):
         assert qat.init_from == str(tmp_path / "float")  # the teacher is the baseline
         spec = train.make_policy(qat).resolve("blocks/ffn1/w_in")
         assert spec.runtime and spec.prune_grad.value == "srste" and spec.mask_schedule.every == 50
+    assert study._named_pruning(cfg) == {"mask_every": 50, "prune_grad": "srste"}  # in report.md
+    assert study._named_pruning(config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}")) == {}
     baseline = study.run_config(cfg, study.BASELINE, tmp_path)
     assert not train.distills(baseline) and baseline.train.learning_rate == tiny.train.learning_rate

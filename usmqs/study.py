@@ -207,6 +207,13 @@ def run_overrides(config, run: StudyRun, workdir: pathlib.Path) -> list[str]:
     return o
 
 
+def _named_pruning(config) -> dict:
+    """The N:M options of the named settings that differ from the defaults (train.py)."""
+    from usmqs.train import NAMED_PRUNING_DEFAULTS
+
+    return {k: config.policy[k] for k, v in NAMED_PRUNING_DEFAULTS.items() if config.policy.get(k, v) != v}
+
+
 def finetune_recipe(config) -> dict:
     """The config.train values the QAT runs change (study.finetune keys that are set)."""
     return {k: v for k, v in config.study.finetune.items() if v is not None}
@@ -582,6 +589,7 @@ def write_report(
         f"{config.train.num_steps} steps; PTQ: 0 steps from the baseline; QAT: "
         f"{s.finetune_steps} steps from the baseline with "
         + (", ".join(f"train.{k}={v}" for k, v in finetune_recipe(config).items()) or "the float recipe")
+        + "".join(f", policy.{k}={v}" for k, v in _named_pruning(config).items())
         + ". WER from the fake-quant evaluation of each run's final checkpoint "
         f"({config.eval.decoder} decoding; the packed export decodes to the same tokens).",
         "",
