@@ -522,7 +522,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if config.init_from:
             state = load_float_weights(setup, state, config.init_from)
 
-    # Distillation: the init_from weights, frozen, as the teacher (reloaded on resume).
+    # Distillation: the init_from weights, frozen, as the teacher (read again, also on a
+    # fresh start: the step donates state.params, so the teacher needs buffers of its own).
     teacher = (load_params(setup, config.init_from),) if distills(config) else ()
 
     num_steps = config.train.num_steps
