@@ -16,6 +16,11 @@ import pathlib
 import ml_collections
 
 
+# The N:M options of a named policy (config.policy keys, `train.make_policy`) and their
+# defaults: masks one-shot at step 0, gradient only to kept weights.
+NAMED_PRUNING_DEFAULTS = {"mask_every": 0, "prune_grad": "masked", "srste_lambda": 2e-4}
+
+
 def parse_arg(arg: str | None) -> dict[str, str | bool]:
     """``"policy=int4+2:4,runlocal"`` -> ``{"policy": "int4+2:4", "runlocal": True}``."""
     out: dict[str, str | bool] = {}
@@ -140,9 +145,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     # mask_every, prune_grad, srste_lambda: the N:M rule of a named policy: masks
     # recomputed every k steps (0: one-shot at step 0), gradient to pruned weights
     # ("masked", "ste", "srste") and SR-STE's decay (custom rules carry their own).
-    c.policy = ml_collections.ConfigDict(
-        dict(name="float", rules=(), runtime=False, mask_every=0, prune_grad="masked", srste_lambda=2e-4)
-    )
+    c.policy = ml_collections.ConfigDict(dict(name="float", rules=(), runtime=False, **NAMED_PRUNING_DEFAULTS))
     c.eval = ml_collections.ConfigDict(dict(decoder="greedy", beam_size=8, at_end=True))
     c.mesh = sharding.mesh_config()
     c.distributed = distributed.distributed_config()  # multi-process start-up

@@ -58,6 +58,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import ml_collections
 
 from usmqs.compress.policy import NAMED_POLICIES
+from usmqs.config import NAMED_PRUNING_DEFAULTS
 
 # The ten settings of USM-Lite's study (Ding et al., ICASSP 2024), in the order of its table.
 PAPER_SETTINGS = (
@@ -208,9 +209,7 @@ def run_overrides(config, run: StudyRun, workdir: pathlib.Path) -> list[str]:
 
 
 def _named_pruning(config) -> dict:
-    """The N:M options of the named settings that differ from the defaults (train.py)."""
-    from usmqs.train import NAMED_PRUNING_DEFAULTS
-
+    """The N:M options of the named settings that differ from the defaults."""
     return {k: config.policy[k] for k, v in NAMED_PRUNING_DEFAULTS.items() if config.policy.get(k, v) != v}
 
 

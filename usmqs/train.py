@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax import nnx, struct
 
 from usmqs import distributed
+from usmqs.config import NAMED_PRUNING_DEFAULTS
 from usmqs import sharding as sharding_lib
 from usmqs.compress import masks as masks_lib
 from usmqs.compress.layers import compressible_layers
@@ -103,10 +104,6 @@ def cache_dir(config, workdir: pathlib.Path) -> pathlib.Path:
 
 
 # ---------------------------------------------------------------------------- model
-
-
-# Options of a named policy's N:M rule (config.policy keys) and their defaults.
-NAMED_PRUNING_DEFAULTS = {"mask_every": 0, "prune_grad": "masked", "srste_lambda": 2e-4}
 
 
 def make_policy(config) -> Policy:
