@@ -12,8 +12,8 @@ of the baseline, at half its peak LR), plus the fine-tuned float control: 22 run
 steps, 7.4 % WER) with the fine-tuning recipe measured on that converged model: a quarter
 of its steps (625) at half its peak LR, distillation from the float baseline
 (``train.distill_weight``) and SR-STE with the N:M masks re-ranked every 50 steps
-(``policy.mask_every``, ``policy.prune_grad``); about 45 minutes for all ten settings on
-2 cores.
+(``policy.mask_every``, ``policy.prune_grad``); 35 minutes for all ten settings on 2
+cores (README "The full study").
 Writes results.json, report.md and pareto.png in the workdir (usmqs/study.py).
 
 Colon arguments (comma-separated): ``settings=A/B/...`` policy NAMEs separated by '/'
