@@ -29,11 +29,11 @@ TINY_OVERRIDES = (
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> dict[str, pathlib.Path]:
-    """120 train + 24 test utterances of the embedded corpus (a few seconds to make)."""
+    """120 train + 24 test + 24 dev utterances of the embedded corpus (seconds to make)."""
     from usmqs.data import synth
 
     out = tmp_path_factory.mktemp("corpus")
-    return synth.synthesize_corpus(out, num_train=120, num_test=24, seed=0)
+    return synth.synthesize_corpus(out, num_train=120, num_test=24, num_dev=24, seed=0)
 
 
 def tiny_config(corpus: dict, *, policy: str = "float", steps: int = 8, **model):

@@ -47,6 +47,7 @@ def test_study_end_to_end_rerun_and_resume(small_corpus, tmp_path, jax_cache, ca
         jax_cache,
         f"data.train_manifest={small_corpus['train']}",
         f"data.eval_manifest={small_corpus['test']}",
+        f"data.dev_manifest={small_corpus['dev']}",
         "train.num_steps=4",
         "train.checkpoint_every=4",
         "study.finetune_steps=2",
@@ -79,6 +80,7 @@ def test_study_end_to_end_rerun_and_resume(small_corpus, tmp_path, jax_cache, ca
         # Each row is its run's eval.json and export/size.json.
         run_dir = wd / ("float" if r["method"] == "float" else f"{r['method']}/{r['name']}")
         assert r["wer"] == json.loads((run_dir / "eval.json").read_text())["wer"]
+        assert r["dev_wer"] == json.loads((run_dir / "eval_dev.json").read_text())["wer"]
         size = json.loads((run_dir / "export/size.json").read_text())
         assert (r["size_bytes"], r["size_ratio"]) == (size["model_bytes"], size["size_ratio"])
     assert by[("float", "float")]["bits_per_weight"] == 32.0
@@ -103,6 +105,11 @@ def test_study_end_to_end_rerun_and_resume(small_corpus, tmp_path, jax_cache, ca
     # 3 bits for the pruned layers; the dense front and depthwise convs keep 4.
     assert "| int4+2:4 | 3.0" in report and "9.4 %" in report and "Status: complete" in report
     assert (wd / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The dev split's table: the same layout, its own WERs and regressions.
+    dev_table = report.split("## The dev split")[1].split("## Run costs")[0]
+    base_dev = by[("float", "float")]["dev_wer"]
+    assert f"| float | 32 | {100 * by[('float', 'float')]['size_ratio']:.2f} | {100 * base_dev:.2f} |" in dev_table
+    assert f"| {100 * by[('int8', 'qat')]['dev_wer']:.2f} |" in dev_table
     out = capsys.readouterr().out
     assert "[qat int4+2:4 6/6] step 2/2" in out  # training progress carries the label
     assert "| setting | bits/weight |" in out  # the final table
@@ -127,7 +134,7 @@ def test_study_end_to_end_rerun_and_resume(small_corpus, tmp_path, jax_cache, ca
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["1", "2"]
     shutil.rmtree(ckpts / "2")
-    study.run_study(cfg, wd)
+    rows = study.run_study(cfg, wd)
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 2]  # step 1 was not trained again
     after = _mtimes(wd)
@@ -135,6 +142,26 @@ def test_study_end_to_end_rerun_and_resume(small_corpus, tmp_path, jax_cache, ca
     assert after == before
     resumed = json.loads((run_dir / "done.json").read_text())["timing"]["compile"]
     assert resumed["cache_hits"] > 0  # the persistent compilation cache served its programs
+
+    # A run finished by a version without the dev split: keys added since then at their
+    # defaults are no difference; its dev split is decoded and recorded, nothing retrained.
+    done_path = wd / "qat/int8/done.json"
+    done = json.loads(done_path.read_text())
+    old = {**done, "dev": None, "config": {k: v for k, v in done["config"].items()
+                                          if k not in ("eval.dev", "data.synth_num_dev")}}
+    done_path.write_text(json.dumps(old))
+    before = _mtimes(wd)
+    assert study.run_study(cfg, wd) == rows
+    assert json.loads(done_path.read_text())["dev"] == done["dev"]
+    after = _mtimes(wd)
+    assert after.pop("qat/int8/done.json") != before.pop("qat/int8/done.json")
+    assert after == before
+    # ... but an added key away from its default is (this study sets data.dev_manifest).
+    del old["config"]["data.dev_manifest"]
+    done_path.write_text(json.dumps(old))
+    with pytest.raises(study.StudyError, match="data.dev_manifest"):
+        study.run_study(cfg, wd)
+    done_path.write_text(json.dumps(done))
 
     # A finished run with another config is an error, not a silent mix of experiments.
     config_lib.apply_overrides(cfg, ["study.finetune.learning_rate=0.01"])
@@ -171,6 +198,7 @@ def test_librispeech_config_dry_run(tmp_path, jax_cache):
     assert full.model.num_layers == 16 and full.model.model_dim == 256  # conformer_m
     assert full.data.num_mel_bins == 80 and full.study.finetune_steps < full.train.num_steps
     assert full.study.settings == ("int8",)
+    assert config_lib.load_config(f"{spec},dev={manifests['dev-clean']}").data.dev_manifest == str(manifests["dev-clean"])
 
     cfg, _ = _study_config(
         spec, jax_cache, "train.num_steps=2", "train.checkpoint_every=2",
@@ -221,6 +249,7 @@ def test_rows_report_and_plot_from_records(tmp_path):
     assert by[("int2", "ptq")] == {
         "name": "int2", "method": "ptq", "weight_bits": 2, "sparsity": None, "bits_per_weight": 2.0,
         "size_bytes": 300, "size_ratio": 0.075, "wer": 3.0, "rel_wer_regression": pytest.approx(14.0),
+        "dev_wer": None,  # the records have no dev split
     }
     assert by[("float", "float")]["bits_per_weight"] == 32.0
     table = study.format_table(rows)
@@ -230,6 +259,7 @@ def test_rows_report_and_plot_from_records(tmp_path):
     study.write_report(tmp_path / "report.md", rows, records, cfg, study.plan(cfg))
     report = (tmp_path / "report.md").read_text()
     assert "partial: 4/6 runs finished" in report and "| qat float | pending |" in report
+    assert "## The dev split" not in report and study.dev_rows(rows) == []
     study.plot_pareto(tmp_path / "pareto.png", rows)  # symlog y: int2 PTQ is +1400 %
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     # A float WER of 0 leaves the relative regression undefined, not infinite.

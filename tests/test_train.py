@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from usmqs import train
+from usmqs import evaluate, train
 from usmqs.data import pipeline
 
 
@@ -86,6 +86,36 @@ def test_train_resume_and_eval_outputs(small_corpus, tmp_path):
     assert ev["num_utterances"] == 24
     preds = [json.loads(l) for l in (workdir / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 24 and set(preds[0]) == {"audio_filepath", "text", "pred_text"}
+    # Own manifests and no data.dev_manifest: no dev split, and asking for it says so.
+    assert "dev" not in metrics and not (workdir / "eval_dev.json").exists()
+    with pytest.raises(ValueError, match="no dev split: set data.dev_manifest"):
+        evaluate.evaluate_workdir(cfg, workdir, split="dev")
+
+
+def _texts(path):
+    return [json.loads(l)["text"] for l in pathlib.Path(path).read_text().splitlines()]
+
+
+def test_the_dev_split_is_decoded_beside_the_test_split(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, steps=2)
+    cfg.data.dev_manifest = str(small_corpus["dev"])
+    workdir = tmp_path / "run"
+    metrics = train.train_and_evaluate(cfg, workdir)
+    ev, dev = (json.loads((workdir / f).read_text()) for f in ("eval.json", "eval_dev.json"))
+    assert metrics["dev"] == dev and {k: metrics[k] for k in ev} == ev
+    # Each file holds its own split's utterances: test and dev sentences are disjoint.
+    assert _texts(workdir / "predictions.jsonl") == _texts(small_corpus["test"])
+    assert _texts(workdir / "predictions_dev.jsonl") == _texts(small_corpus["dev"])
+    assert not set(_texts(small_corpus["test"])) & set(_texts(small_corpus["dev"]))
+    assert dev["num_words"] == sum(len(t.split()) for t in _texts(small_corpus["dev"]))
+    # Re-decoding the dev split from the checkpoint gives the same numbers.
+    assert evaluate.evaluate_workdir(cfg, workdir, split="dev") == dev
+    with pytest.raises(ValueError, match="split must be one of"):
+        evaluate.evaluate_workdir(cfg, workdir, split="test")
+    # eval.dev=False: the test split only.
+    cfg.eval.dev = False
+    assert "dev" not in train.train_and_evaluate(cfg, tmp_path / "no_dev")
+    assert not (tmp_path / "no_dev/eval_dev.json").exists()
 
 
 def test_resume_restores_the_exact_state(small_corpus, tmp_path):

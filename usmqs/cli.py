@@ -23,6 +23,8 @@ def cmd_synth(args, overrides):
         kw["num_train"] = args.num_train
     if args.num_test:
         kw["num_test"] = args.num_test
+    if args.num_dev:
+        kw["num_dev"] = args.num_dev
     paths = synth.synthesize_corpus(args.out, **kw)
     for k, v in paths.items():
         print(f"{k}: {v}")
@@ -77,9 +79,9 @@ def cmd_evaluate(args, overrides):
         from usmqs.compress import export
 
         export.limit_heap_retention()  # this process only serves the export, then exits
-        export.evaluate_export(cfg, args.workdir, manifest=args.manifest)
+        export.evaluate_export(cfg, args.workdir, manifest=args.manifest, split=args.split)
     else:
-        evaluate.evaluate_workdir(cfg, args.workdir, manifest=args.manifest)
+        evaluate.evaluate_workdir(cfg, args.workdir, manifest=args.manifest, split=args.split)
 
 
 def cmd_export(args, overrides):
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--out", required=True)
     s.add_argument("--num-train", type=int, default=0)
     s.add_argument("--num-test", type=int, default=0)
+    s.add_argument("--num-dev", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_synth)
 
@@ -162,10 +165,15 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--workdir", required=True)
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("evaluate", help="decode + score the eval manifest")
+    s = sub.add_parser("evaluate", help="decode + score the eval (test) or dev split")
     s.add_argument("--workdir", required=True)
     s.add_argument("--config", default="", help="default: the run's own config")
-    s.add_argument("--manifest", default=None)
+    s.add_argument(
+        "--split", choices=("eval", "dev"), default="eval",
+        help="eval: data.eval_manifest -> eval.json; dev: data.dev_manifest (the embedded "
+        "corpus' dev split by default) -> eval_dev.json",
+    )
+    s.add_argument("--manifest", default=None, help="decode this manifest as the split")
     s.add_argument("--export", action="store_true", help="decode from the packed export")
     s.set_defaults(fn=cmd_evaluate)
 

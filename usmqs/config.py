@@ -120,6 +120,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
         c.data.synth_dir = "~/.cache/usmqs/corpus"  # embedded corpus, used when no manifest
         c.data.synth_num_train = 0  # 0 = the synthesizer's default size
         c.data.synth_num_test = 0
+        c.data.synth_num_dev = 0
         c.data.synth_seed = 0
         c.data.cache_dir = ""  # prepared features; '' = WORKDIR/data_cache
     c.train = ml_collections.ConfigDict(
@@ -146,7 +147,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     # recomputed every k steps (0: one-shot at step 0), gradient to pruned weights
     # ("masked", "ste", "srste") and SR-STE's decay (custom rules carry their own).
     c.policy = ml_collections.ConfigDict(dict(name="float", rules=(), runtime=False, **NAMED_PRUNING_DEFAULTS))
-    c.eval = ml_collections.ConfigDict(dict(decoder="greedy", beam_size=8, at_end=True))
+    # at_end: decode the eval (test) split after training; dev: the dev split too, when
+    # there is one (the embedded corpus has one; else data.dev_manifest).
+    c.eval = ml_collections.ConfigDict(dict(decoder="greedy", beam_size=8, at_end=True, dev=True))
     c.mesh = sharding.mesh_config()
     c.distributed = distributed.distributed_config()  # multi-process start-up
     return c

@@ -129,6 +129,23 @@ def score(references: list[str], hypotheses: list[str]) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
+SPLITS = {"eval": "", "dev": "_dev"}  # split -> suffix of its output files
+
+
+def split_manifest(config, split: str, manifest: str | None = None) -> tuple[str, str]:
+    """The manifest of ``split`` ("eval": the test split, "dev") and its output files'
+    suffix (``eval{suffix}.json``). An explicit ``manifest`` stands in for the split's."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    if manifest is None:
+        from usmqs import train as train_lib
+
+        manifest = train_lib.resolve_manifests(config)[split]
+        if manifest is None:
+            raise ValueError(f"no {split} split: set data.{split}_manifest")
+    return manifest, SPLITS[split]
+
+
 def write_results(workdir, metrics: dict, rows: list[dict], *, suffix: str = "") -> None:
     """`eval{suffix}.json` and `predictions{suffix}.jsonl` (rows: audio_filepath, text, pred_text)."""
     import json
@@ -166,8 +183,11 @@ def run_decoding(log_prob_fn, split, data_cfg, tokenizer, eval_cfg) -> tuple[dic
     return metrics, rows
 
 
-def evaluate_workdir(config, workdir, *, state=None, setup=None, manifest: str | None = None) -> dict:
-    """Decode the eval manifest with the run's latest checkpoint; write eval.json."""
+def evaluate_workdir(
+    config, workdir, *, state=None, setup=None, manifest: str | None = None, split: str = "eval"
+) -> dict:
+    """Decode a split (the eval manifest, or "dev") with the run's latest checkpoint;
+    write eval.json and predictions.jsonl (eval_dev.json, ... for the dev split)."""
     import pathlib
 
     import jax
@@ -181,9 +201,8 @@ def evaluate_workdir(config, workdir, *, state=None, setup=None, manifest: str |
     workdir = pathlib.Path(workdir)
     tokenizer = Tokenizer.load(workdir / train_lib.TOKENIZER_FILE)
     with distributed.primary_first("prepare_eval_data"):  # the others reuse its cache
-        if manifest is None:
-            _, manifest = train_lib.resolve_manifests(config)
-        split = pipeline.prepare_split(
+        manifest, suffix = split_manifest(config, split, manifest)
+        prepared = pipeline.prepare_split(
             manifest, tokenizer, config.data, train_lib.cache_dir(config, workdir), train=False
         )
     if setup is None:
@@ -196,12 +215,12 @@ def evaluate_workdir(config, workdir, *, state=None, setup=None, manifest: str |
         state, _ = train_lib.restore_state(mngr, step, setup)
     eval_step = train_lib.make_eval_step(setup, config)
     fn = lambda f, m: eval_step(state.params, state.rest, f, m)
-    metrics, rows = run_decoding(fn, split, config.data, tokenizer, config.eval)
+    metrics, rows = run_decoding(fn, prepared, config.data, tokenizer, config.eval)
     metrics["step"] = int(jax.device_get(state.step))
     if jax.process_index() == 0:  # every process decodes; one writes
-        write_results(workdir, metrics, rows)
+        write_results(workdir, metrics, rows, suffix=suffix)
     print(
-        f"eval: WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
+        f"eval{'' if split == 'eval' else f' ({split})'}: WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
         f"({metrics['num_utterances']} utterances, {metrics['num_words']} words)",
         flush=True,
     )

@@ -49,6 +49,7 @@ import contextlib
 import copy
 import dataclasses
 import enum
+import functools
 import json
 import os
 import pathlib
@@ -76,8 +77,9 @@ PARETO_FILE = "pareto.png"
 RUN_CONFIG_FILE = "run_config.txt"  # what `usmqs evaluate/export --workdir` rebuild from
 ROW_KEYS = (
     "name", "method", "weight_bits", "sparsity", "bits_per_weight",
-    "size_bytes", "size_ratio", "wer", "rel_wer_regression",
+    "size_bytes", "size_ratio", "wer", "rel_wer_regression", "dev_wer",
 )
+EVAL_KEYS = ("wer", "cer", "num_utterances", "num_words", "step")
 
 
 class Method(enum.StrEnum):
@@ -366,11 +368,39 @@ def _atomic_write(path: pathlib.Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
+@functools.cache
+def _added_key_defaults() -> dict:
+    """Flat defaults of the keys every experiment has (not model.*: presets differ)."""
+    from usmqs import config as config_lib
+
+    flat = _flat(json.loads(config_lib.base_config("tiny").to_json_best_effort()))
+    return {k: v for k, v in flat.items() if not k.startswith("model.")}
+
+
+def with_dev_eval(cfg, run_dir: pathlib.Path, record: dict) -> dict:
+    """A finished run's record with its dev split decoded, when the config has a dev
+    split and the run finished before one existed (the record is updated on disk)."""
+    if record.get("dev") is not None or not cfg.eval.get("dev", False):
+        return record
+    from usmqs import evaluate
+    from usmqs import train as train_lib
+
+    if train_lib.resolve_manifests(cfg)["dev"] is None:
+        return record
+    metrics = evaluate.evaluate_workdir(cfg, run_dir, split="dev")
+    record = {**record, "dev": {k: metrics[k] for k in EVAL_KEYS}}
+    if _primary():
+        _atomic_write(run_dir / DONE_FILE, json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def load_done(run_dir: pathlib.Path, cfg=None, workdir=None) -> dict | None:
     """The run's done.json record, None if it has not finished.
 
     With `cfg`, a record made with another config raises StudyError (naming the keys):
-    the finished run would silently stand for a different experiment.
+    the finished run would silently stand for a different experiment. A key the record
+    does not have (added to the config after the run finished) is no difference while it
+    keeps its default value, which reproduces what ran before it existed.
     """
     path = pathlib.Path(run_dir) / DONE_FILE
     if not path.is_file():
@@ -378,7 +408,11 @@ def load_done(run_dir: pathlib.Path, cfg=None, workdir=None) -> dict | None:
     record = json.loads(path.read_text())
     if cfg is not None:
         now, then = run_identity(cfg, workdir), record.get("config", {})
-        diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+        defaults = _added_key_defaults()
+        diff = sorted(
+            k for k in set(now) | set(then)
+            if now.get(k) != then.get(k) and not (k not in then and k in defaults and now[k] == defaults[k])
+        )
         if diff:
             shown = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
             raise StudyError(
@@ -414,7 +448,8 @@ def _execute(cfg, run: StudyRun, run_dir: pathlib.Path, workdir, *, record_spec=
     record = {
         "name": run.name,
         "method": str(run.method),
-        "eval": {k: metrics[k] for k in ("wer", "cer", "num_utterances", "num_words", "step")},
+        "eval": {k: metrics[k] for k in EVAL_KEYS},
+        "dev": {k: metrics["dev"][k] for k in EVAL_KEYS} if "dev" in metrics else None,
         "export_wer": export_wer,
         "size": {
             k: size[k]
@@ -459,7 +494,8 @@ def result_rows(records: Mapping[StudyRun, dict]) -> list[dict]:
     scales (the paper's accounting: int4 + 2:4 = 3); 32 for a float model.
     ``size_bytes`` is the whole exported model (every compressed and float tensor, their
     scales, container and metadata; the tokenizer left out) and
-    ``size_ratio = size_bytes / (4 * parameters)``.
+    ``size_ratio = size_bytes / (4 * parameters)``. ``dev_wer``: the same run on the
+    dev split (None without one), for choosing recipes without looking at ``wer``.
     """
     float_wer = records[BASELINE]["eval"]["wer"]
     rows = []
@@ -479,6 +515,7 @@ def result_rows(records: Mapping[StudyRun, dict]) -> list[dict]:
             "size_ratio": rec["size"]["size_ratio"],
             "wer": wer,
             "rel_wer_regression": rel_regression(wer, float_wer),
+            "dev_wer": (rec.get("dev") or {}).get("wer"),
         }
         rows.append({k: row[k] for k in ROW_KEYS})
     return rows
@@ -513,6 +550,38 @@ def format_table(rows: Sequence[dict]) -> str:
             f"| {_pct(qat and qat['rel_wer_regression'], 1, True)} |"
         )
     return "\n".join(lines)
+
+
+def dev_rows(rows: Sequence[dict]) -> list[dict]:
+    """``rows`` with the dev split's WER in ``wer`` and its regression against the
+    baseline's dev WER (for :func:`format_table`); [] when the baseline has no dev WER."""
+    base = next(r for r in rows if (r["name"], r["method"]) == ("float", "float"))
+    if base["dev_wer"] is None:
+        return []
+    return [
+        {
+            **r,
+            "wer": r["dev_wer"],
+            "rel_wer_regression": None if r["dev_wer"] is None else rel_regression(r["dev_wer"], base["dev_wer"]),
+        }
+        for r in rows
+    ]
+
+
+def _dev_section(rows: Sequence[dict]) -> list[str]:
+    dev = dev_rows(rows)
+    if not dev:
+        return []
+    return [
+        "## The dev split",
+        "",
+        "The same runs decoded on the dev split: choose fine-tuning recipes (learning rate, "
+        "schedule, distillation, mask updates) here, and read the table above only for the "
+        "chosen one, so that the reported WER is not tuned on the set it is measured on.",
+        "",
+        format_table(dev),
+        "",
+    ]
 
 
 def _reading_notes(rows: Sequence[dict], records: Mapping[StudyRun, dict]) -> str:
@@ -604,6 +673,7 @@ def write_report(
         "",
         _reading_notes(rows, records),
         "",
+        *_dev_section(rows),
         "## Run costs",
         "",
         "Compile seconds: JAX tracing + lowering + XLA compilation (or loading from the "
@@ -712,7 +782,7 @@ def update_readme(readme, workdir) -> pathlib.Path:
     shutil.copyfile(workdir / PARETO_FILE, image)
     body = report.split("\n", 1)[1].strip()  # without the "# Compression study" title
     body = body.replace("![pareto](pareto.png)", f"![pareto]({image.relative_to(readme.parent)})")
-    body = body.replace("\n## Run costs", "\n#### Run costs")
+    body = body.replace("\n## ", "\n#### ")  # report sections, below the README's own
     head, rest = text.split(README_BEGIN)
     _, tail = rest.split(README_END)
     _atomic_write(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
@@ -763,7 +833,7 @@ def run_study(
             record = load_done(run_dir, cfg, workdir)
             if record is not None:
                 print(f"[{label}] done earlier: WER {100 * record['eval']['wer']:.2f}% (skipped)", flush=True)
-                records[run] = record
+                records[run] = with_dev_eval(cfg, run_dir, record)
                 continue
             what = {
                 Method.FLOAT: f"train the float baseline, {cfg.train.num_steps} steps",

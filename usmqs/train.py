@@ -56,22 +56,25 @@ class TrainState:
 # ----------------------------------------------------------------------------- data
 
 
-def resolve_manifests(config: ml_collections.ConfigDict) -> tuple[str, str]:
-    """The train/eval manifests: configured ones, else the embedded corpus (cached)."""
-    train_m, eval_m = config.data.train_manifest, config.data.eval_manifest
+def resolve_manifests(config: ml_collections.ConfigDict) -> dict[str, str | None]:
+    """The run's manifests, ``{"train", "eval", "dev"}``: the configured ones, else the
+    embedded corpus (synthesized and cached). ``dev`` is None when there is none."""
+    d = config.data
+    train_m, eval_m, dev_m = d.train_manifest, d.eval_manifest, d.get("dev_manifest", "")
     if train_m and eval_m:
-        return train_m, eval_m
+        return {"train": train_m, "eval": eval_m, "dev": dev_m or None}
     if train_m or eval_m:
         raise ValueError("set both data.train_manifest and data.eval_manifest, or neither")
     from usmqs.data import synth  # optional extra: only imported when it is used
 
     paths = synth.synthesize_corpus(
-        pathlib.Path(config.data.synth_dir).expanduser(),
-        num_train=config.data.synth_num_train,
-        num_test=config.data.synth_num_test,
-        seed=config.data.synth_seed,
+        pathlib.Path(d.synth_dir).expanduser(),
+        num_train=d.synth_num_train,
+        num_test=d.synth_num_test,
+        num_dev=d.get("synth_num_dev", 0),
+        seed=d.synth_seed,
     )
-    return str(paths["train"]), str(paths["test"])
+    return {"train": str(paths["train"]), "eval": str(paths["test"]), "dev": dev_m or str(paths["dev"])}
 
 
 def load_or_train_tokenizer(config, workdir: pathlib.Path, train_manifest: str) -> Tokenizer:
@@ -481,7 +484,8 @@ def device_batch(batch: dict, shardings: dict) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (resuming from `workdir` when it holds checkpoints), then evaluate.
 
-    Returns the evaluation metrics (also written to `workdir/eval.json`).
+    Returns the evaluation metrics (also written to `workdir/eval.json`); with
+    ``eval.dev`` and a dev split, the dev split's under ``"dev"`` (`eval_dev.json`).
     With several processes (`usmqs.distributed`) every process calls this; process 0
     writes the single-copy files (config.json, metrics.jsonl, TensorBoard, eval outputs).
     """
@@ -494,7 +498,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if primary:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     with distributed.primary_first("prepare_data"):  # the others then reuse its files
-        train_manifest, eval_manifest = resolve_manifests(config)
+        train_manifest = resolve_manifests(config)["train"]
         tokenizer = load_or_train_tokenizer(config, workdir, train_manifest)
         train_split = pipeline.prepare_split(
             train_manifest, tokenizer, config.data, cache_dir(config, workdir), train=True
@@ -551,9 +555,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if writer is not None:
         writer.close()
     mngr.close()
-    if config.eval.at_end:
-        return evaluate_lib.evaluate_workdir(config, workdir, state=state, setup=setup)
-    return {}
+    if not config.eval.at_end:
+        return {}
+    metrics = evaluate_lib.evaluate_workdir(config, workdir, state=state, setup=setup)
+    if config.eval.get("dev", False) and resolve_manifests(config)["dev"] is not None:
+        metrics["dev"] = evaluate_lib.evaluate_workdir(config, workdir, state=state, setup=setup, split="dev")
+    return metrics
 
 
 def _summary_writer(workdir: pathlib.Path):

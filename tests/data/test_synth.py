@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import soundfile as sf
 from usmqs.data import synth
 from usmqs.data.manifest import read_manifest
 from usmqs.data.synth import (
+    DEFAULT_NUM_DEV,
     DEFAULT_NUM_TEST,
     DEFAULT_NUM_TRAIN,
     ESPEAK_LANGUAGES,
@@ -63,22 +65,23 @@ def test_number_to_words_range():
 
 @pytest.fixture(scope="module")
 def default_sentences():
-    return generate_sentences(DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST, seed=0)
+    return generate_sentences(DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST, seed=0, num_dev=DEFAULT_NUM_DEV)
 
 
 def test_default_sentences_split_properly(default_sentences):
-    train, test = default_sentences
-    assert (len(train), len(test)) == (DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST)
+    train, test, dev = default_sentences
+    assert (len(train), len(test), len(dev)) == (DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST, DEFAULT_NUM_DEV)
     assert not set(train) & set(test), "train and test sentences must be disjoint"
-    assert len(set(test)) == len(test)
+    assert not set(dev) & (set(train) | set(test)), "dev sentences must be new to train and test"
+    assert len(set(test)) == len(test) and len(set(dev)) == len(dev)
     train_vocab = {w for s in train for w in s.split()}
-    test_vocab = {w for s in test for w in s.split()}
-    assert test_vocab <= train_vocab
+    assert {w for s in test + dev for w in s.split()} <= train_vocab
     assert 300 <= len(train_vocab) <= 600
-    # One word error is at most 0.1 % WER on the default test split.
+    # One word error is at most 0.1 % WER on the default test and dev splits.
     assert sum(len(s.split()) for s in test) >= 1000
+    assert sum(len(s.split()) for s in dev) >= 1000
     assert max(Counter(train).values()) <= MAX_TRAIN_COPIES
-    for s in train + test:
+    for s in train + test + dev:
         assert normalize_text(s) == s and 1 <= len(s.split()) <= MAX_WORDS
     assert not any(ch.isdigit() for s in train for ch in s), "numbers must be spelled out"
 
@@ -87,11 +90,16 @@ def test_sentences_are_seeded(default_sentences):
     assert generate_sentences(200, 20, seed=0)[0] == default_sentences[0][:200]
     assert generate_sentences(200, 20, seed=1)[0] != default_sentences[0][:200]
     assert generate_sentences(200, 20, seed=3) == generate_sentences(200, 20, seed=3)
+    # The dev split has a stream of its own: asking for it leaves train and test as they were.
+    assert generate_sentences(200, 20, seed=3)[2] == []
+    assert generate_sentences(200, 20, seed=3, num_dev=15)[:2] == generate_sentences(200, 20, seed=3)[:2]
 
 
 def test_too_few_training_sentences_for_the_test_split():
     with pytest.raises(ValueError, match="test sentences"):
         generate_sentences(1, 50, seed=0)
+    with pytest.raises(ValueError, match="dev sentences"):
+        generate_sentences(1, 0, seed=0, num_dev=50)
 
 
 # --- voices ------------------------------------------------------------------------------
@@ -228,11 +236,11 @@ def corpora(tmp_path_factory):
     espeak_before = {m for m in sys.modules if "espeak" in m}
     out = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(synth, "BLOCK_SIZE", 8)  # 3 train blocks + 1 test block
+        mp.setattr(synth, "BLOCK_SIZE", 8)  # 3 train blocks + 1 test block + 1 dev block
         for workers in (2, 1):
             folder = tmp_path_factory.mktemp(f"corpus{workers}")
-            out[workers] = (folder, synthesize_corpus(folder, num_train=24, num_test=6, seed=3,
-                                                      num_workers=workers, flite=False))
+            out[workers] = (folder, synthesize_corpus(folder, num_train=24, num_test=6, num_dev=5,
+                                                      seed=3, num_workers=workers, flite=False))
     # espeak ran in the workers only, never in the calling process.
     assert {m for m in sys.modules if "espeak" in m} == espeak_before
     return out
@@ -242,22 +250,24 @@ def test_corpus_is_byte_identical_whatever_the_workers(corpora):
     (a, _), (b, _) = corpora[2], corpora[1]
     tree_a, tree_b = _tree_bytes(a), _tree_bytes(b)
     assert sorted(tree_a) == sorted(tree_b)
-    assert len([p for p in tree_a if p.endswith(".wav")]) == 30
+    assert len([p for p in tree_a if p.endswith(".wav")]) == 35
     differing = [p for p in tree_a if tree_a[p] != tree_b[p]]
     assert differing == []
 
 
 def test_corpus_content(corpora):
     folder, manifests = corpora[2]
-    assert manifests == {"train": folder / "train.jsonl", "test": folder / "test.jsonl"}
-    train, test = read_manifest(manifests["train"]), read_manifest(manifests["test"])
-    assert (len(train), len(test)) == (24, 6)
+    assert manifests == {s: folder / f"{s}.jsonl" for s in ("train", "test", "dev")}
+    train, test, dev = (read_manifest(manifests[s]) for s in ("train", "test", "dev"))
+    assert (len(train), len(test), len(dev)) == (24, 6, 5)
     assert not {u.text for u in train} & {u.text for u in test}
     assert {w for u in test for w in u.text.split()} <= {w for u in train for w in u.text.split()}
-    assert ([u.text for u in train], [u.text for u in test]) == generate_sentences(24, 6, seed=3)
-    for line in manifests["train"].read_text().splitlines():
-        assert json.loads(line)["audio_filepath"].startswith("audio/train/")  # relative
-    for u in train + test:
+    texts = tuple([u.text for u in split] for split in (train, test, dev))
+    assert texts == generate_sentences(24, 6, seed=3, num_dev=5)
+    for split in ("train", "dev"):
+        for line in manifests[split].read_text().splitlines():
+            assert json.loads(line)["audio_filepath"].startswith(f"audio/{split}/")  # relative
+    for u in train + test + dev:
         info = sf.info(u.audio_filepath)
         assert (info.samplerate, info.channels, info.subtype) == (SR, 1, "PCM_16")
         assert u.duration == info.frames / SR
@@ -269,29 +279,68 @@ def test_corpus_content(corpora):
     assert meta["config"]["seed"] == 3 and meta["config"]["num_train"] == 24
     assert meta["stats"]["train"]["utterances"] == 24
     assert meta["stats"]["test"]["words"] == sum(len(u.text.split()) for u in test)
+    assert list(meta["stats"]) == ["train", "test", "dev"]
 
 
 def test_corpus_is_cached_and_redone_when_the_config_changes(tmp_path):
-    first = synthesize_corpus(tmp_path, num_train=10, num_test=2, seed=0, flite=False)
+    kw = dict(num_train=16, num_test=2, num_dev=2, flite=False)
+    first = synthesize_corpus(tmp_path, seed=0, **kw)
     marker = tmp_path / "corpus.json"
     stamps = {p: p.stat().st_mtime_ns for p in [marker, *first.values()]}
     wav = tmp_path / "audio" / "train" / "000000.wav"
     wav_stamp = wav.stat().st_mtime_ns
-    assert synthesize_corpus(tmp_path, num_train=10, num_test=2, seed=0, flite=False) == first
+    assert synthesize_corpus(tmp_path, seed=0, **kw) == first
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert wav.stat().st_mtime_ns == wav_stamp
     before = first["train"].read_text()
-    synthesize_corpus(tmp_path, num_train=10, num_test=2, seed=1, flite=False)
+    synthesize_corpus(tmp_path, seed=1, **kw)
     assert first["train"].read_text() != before
     assert json.loads(marker.read_text())["config"]["seed"] == 1
+
+
+def _mtimes(folder):
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+def test_a_changed_split_is_redone_with_the_later_splits_only(tmp_path):
+    kw = dict(num_train=16, seed=0, flite=False)
+    manifests = synthesize_corpus(tmp_path, num_test=2, num_dev=2, **kw)
+    audio = {s: tmp_path / "audio" / s for s in ("train", "test", "dev")}
+    train_stamps, test_stamps = _mtimes(audio["train"]), _mtimes(audio["test"])
+    texts = {s: manifests[s].read_text() for s in manifests}
+
+    # A corpus made before the dev split existed: its marker has no num_dev, no dev files.
+    marker = tmp_path / "corpus.json"
+    old = json.loads(marker.read_text())
+    del old["config"]["num_dev"], old["stats"]["dev"]
+    marker.write_text(json.dumps(old))
+    manifests["dev"].unlink()
+    shutil.rmtree(audio["dev"])
+    assert synthesize_corpus(tmp_path, num_test=2, num_dev=2, **kw) == manifests
+    assert (_mtimes(audio["train"]), _mtimes(audio["test"])) == (train_stamps, test_stamps)
+    assert {s: manifests[s].read_text() for s in manifests} == texts  # dev made as before
+    assert json.loads(marker.read_text())["stats"]["dev"]["utterances"] == 2
+
+    # More dev utterances: only dev is redone. Another test size: test and dev.
+    synthesize_corpus(tmp_path, num_test=2, num_dev=3, **kw)
+    assert (_mtimes(audio["train"]), _mtimes(audio["test"])) == (train_stamps, test_stamps)
+    assert len(read_manifest(manifests["dev"])) == 3
+    synthesize_corpus(tmp_path, num_test=3, num_dev=3, **kw)
+    assert _mtimes(audio["train"]) == train_stamps and _mtimes(audio["test"]) != test_stamps
+    assert manifests["train"].read_text() == texts["train"]
+    assert len(read_manifest(manifests["test"])) == 3
+    stats = json.loads(marker.read_text())["stats"]
+    assert [stats[s]["utterances"] for s in ("train", "test", "dev")] == [16, 3, 3]
 
 
 def test_zero_sizes_mean_the_defaults_and_negative_sizes_fail(tmp_path, monkeypatch):
     monkeypatch.setattr(synth, "DEFAULT_NUM_TRAIN", 12)
     monkeypatch.setattr(synth, "DEFAULT_NUM_TEST", 3)
-    manifests = synthesize_corpus(tmp_path, num_train=0, num_test=None, flite=False)
+    monkeypatch.setattr(synth, "DEFAULT_NUM_DEV", 2)
+    manifests = synthesize_corpus(tmp_path, num_train=0, num_test=None, num_dev=0, flite=False)
     assert len(read_manifest(manifests["train"])) == 12
     assert len(read_manifest(manifests["test"])) == 3
+    assert len(read_manifest(manifests["dev"])) == 2
     with pytest.raises(ValueError, match="sizes"):
         synthesize_corpus(tmp_path, num_train=-1, flite=False)
 
@@ -316,7 +365,7 @@ def test_flite_voices_join_when_flite_is_present(tmp_path):
     assert available_flite_voices(str(fake)) == ["kal", "slt"]
 
     out = tmp_path / "corpus"
-    manifests = synthesize_corpus(out, num_train=16, num_test=4, seed=0, flite=str(fake))
+    manifests = synthesize_corpus(out, num_train=16, num_test=4, num_dev=2, seed=0, flite=str(fake))
     voices = json.loads((out / "corpus.json").read_text())["config"]["voices"]
     assert voices[-2:] == ["flite:kal", "flite:slt"]
     calls = [line.split() for line in log.read_text().splitlines() if "-o" in line]

@@ -1008,9 +1008,9 @@ def export_workdir(config, workdir, *, index_encoding: IndexEncoding | str = Ind
     return report
 
 
-def evaluate_export(config, workdir, manifest: str | None = None) -> dict:
-    """Decode the eval manifest from ``workdir/export`` alone; write ``eval_export.json``
-    and ``predictions_export.jsonl``. Model and tokenizer come from the export; `config`
+def evaluate_export(config, workdir, manifest: str | None = None, split: str = "eval") -> dict:
+    """Decode a split (the eval manifest, or "dev") from ``workdir/export`` alone; write
+    ``eval_export.json`` and ``predictions_export.jsonl`` (``eval_export_dev.json``, ...). Model and tokenizer come from the export; `config`
     supplies data/eval settings and must describe the same model."""
     from usmqs import evaluate as evaluate_lib
     from usmqs import train as train_lib
@@ -1022,17 +1022,16 @@ def evaluate_export(config, workdir, manifest: str | None = None) -> dict:
     tokenizer = Tokenizer.load(served.tokenizer_file)
     if tokenizer.vocab_size != served.vocab_size:
         raise ExportError(f"export tokenizer has {tokenizer.vocab_size} pieces, metadata says {served.vocab_size}")
-    if manifest is None:
-        _, manifest = train_lib.resolve_manifests(config)
-    split = pipeline.prepare_split(
+    manifest, suffix = evaluate_lib.split_manifest(config, split, manifest)
+    prepared = pipeline.prepare_split(
         manifest, tokenizer, config.data, train_lib.cache_dir(config, workdir), train=False
     )
-    metrics, rows = evaluate_lib.run_decoding(served.log_probs, split, config.data, tokenizer, config.eval)
+    metrics, rows = evaluate_lib.run_decoding(served.log_probs, prepared, config.data, tokenizer, config.eval)
     metrics["step"] = served.metadata.get("step")
     metrics["export"] = True
-    evaluate_lib.write_results(workdir, metrics, rows, suffix="_export")
+    evaluate_lib.write_results(workdir, metrics, rows, suffix="_export" + suffix)
     print(
-        f"eval (export): WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
+        f"eval (export{'' if split == 'eval' else f', {split}'}): WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
         f"({metrics['num_utterances']} utterances, {metrics['num_words']} words)",
         flush=True,
     )

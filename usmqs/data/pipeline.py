@@ -123,7 +123,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             train_manifest="",  # NeMo-style JSON lines; '' = the embedded synthetic corpus
-            eval_manifest="",
+            eval_manifest="",  # the test split: eval.json
+            # The split for choosing recipes (eval_dev.json); '' = the embedded corpus'
+            # dev split when the embedded corpus is used, else none.
+            dev_manifest="",
             num_mel_bins=80,  # F; other front-end parameters are FeatureConfig defaults
             vocab_size=128,  # sentencepiece size request incl. <blank>=0 and <unk>=1 (soft)
             tokenizer_type="unigram",  # 'unigram' | 'bpe' | 'char'

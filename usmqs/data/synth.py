@@ -2,15 +2,16 @@
 
 ``synthesize_corpus(out_dir)`` writes::
 
-    out_dir/train.jsonl, out_dir/test.jsonl     manifests, audio paths relative to out_dir
-    out_dir/audio/{train,test}/NNNNNN.wav       16 kHz mono 16-bit PCM
+    out_dir/{train,test,dev}.jsonl              manifests, audio paths relative to out_dir
+    out_dir/audio/{train,test,dev}/NNNNNN.wav   16 kHz mono 16-bit PCM
     out_dir/corpus.json                         config + stats; marks the corpus complete
 
 Sentences come from a template grammar of voice-search queries ("weather in boston
 tomorrow", "set a timer for twenty five minutes"), numbers spelled out, a vocabulary of a
-few hundred words so that a tiny CPU model can learn it. Train and test sentences are
-disjoint, and every test word occurs in the training transcripts (the test set measures
-recognition of new word sequences, not of words never heard).
+few hundred words so that a tiny CPU model can learn it. Train, test and dev sentences are
+disjoint, and every test and dev word occurs in the training transcripts (they measure
+recognition of new word sequences, not of words never heard). The dev split is for
+choosing recipes (learning rates, schedules, distillation); the test split reports.
 
 Each utterance gets a random voice (espeak-ng English accents x variants, plus flite voices
 when ``flite`` is on PATH), speaking rate and pitch, then augmentation: speed perturbation,
@@ -56,6 +57,7 @@ from usmqs.data.text import normalize_text
 
 __all__ = [
     "BLOCK_SIZE",
+    "DEFAULT_NUM_DEV",
     "DEFAULT_NUM_TEST",
     "DEFAULT_NUM_TRAIN",
     "ESPEAK_LANGUAGES",
@@ -89,6 +91,8 @@ log = logging.getLogger(__name__)
 # The default test split holds ~2400 words (one word error = 0.04 % WER).
 DEFAULT_NUM_TRAIN = 8000
 DEFAULT_NUM_TEST = 400
+DEFAULT_NUM_DEV = 400
+SPLITS = ("train", "test", "dev")  # drawn in this order: each split depends on the earlier
 # Bump when the grammar, voices or augmentation change: a cached corpus with another
 # version is regenerated.
 SYNTH_VERSION = 1
@@ -342,22 +346,46 @@ def random_sentence(rng: np.random.Generator) -> str:
             return sentence
 
 
+def _held_out(
+    rng: np.random.Generator, num: int, name: str, exclude: set[str], vocab: set[str]
+) -> list[str]:
+    """``num`` distinct sentences not in ``exclude`` and within ``vocab`` (redrawn until so)."""
+    out: list[str] = []
+    seen = set(exclude)
+    max_draws = 1000 + 200 * num
+    for _ in range(max_draws):
+        if len(out) == num:
+            break
+        s = random_sentence(rng)
+        if s in seen or not vocab.issuperset(s.split()):
+            continue
+        out.append(s)
+        seen.add(s)
+    if len(out) < num:
+        raise ValueError(
+            f"found only {len(out)} of {num} {name} sentences disjoint from the other splits "
+            f"and within the training vocabulary after {max_draws} draws; use more training "
+            f"sentences or fewer {name} ones (num_{name})"
+        )
+    return out
+
+
 def generate_sentences(
-    num_train: int, num_test: int, seed: int = 0
-) -> tuple[list[str], list[str]]:
-    """Draws the train and test transcripts (normalized text; no audio).
+    num_train: int, num_test: int, seed: int = 0, num_dev: int = 0
+) -> tuple[list[str], list[str], list[str]]:
+    """Draws the train, test and dev transcripts (normalized text; no audio).
 
     A train sentence occurs at most ``MAX_TRAIN_COPIES`` times (a frequent query spoken
-    by several voices). Test sentences
-    are distinct, never occur in train, and use only words that occur in train: drawn
-    sentences violating either rule are rejected and redrawn.
+    by several voices). Test sentences are distinct, never occur in train, and use only
+    words that occur in train; dev sentences likewise, and never occur in test: drawn
+    sentences violating a rule are rejected and redrawn. Each split has its own random
+    stream, so adding a dev split leaves train and test unchanged.
 
     Raises:
-      ValueError: fewer than ``num_test`` acceptable test sentences in a bounded number
-        of draws (only with a tiny ``num_train``).
+      ValueError: fewer than ``num_test`` (``num_dev``) acceptable sentences in a bounded
+        number of draws (only with a tiny ``num_train``).
     """
     train_rng = np.random.default_rng([seed, 0x5E7, 0])
-    test_rng = np.random.default_rng([seed, 0x5E7, 1])
     train: list[str] = []
     copies: Counter[str] = Counter()
     while len(train) < num_train:
@@ -367,25 +395,12 @@ def generate_sentences(
         if copies[s] < MAX_TRAIN_COPIES:
             copies[s] += 1
             train.append(s)
-    train_set = set(train)
-    train_vocab = {w for s in train for w in s.split()}
-    test: list[str] = []
-    test_set: set[str] = set()
-    max_draws = 1000 + 200 * num_test
-    for _ in range(max_draws):
-        if len(test) == num_test:
-            break
-        s = random_sentence(test_rng)
-        if s in train_set or s in test_set or not train_vocab.issuperset(s.split()):
-            continue
-        test.append(s)
-        test_set.add(s)
-    if len(test) < num_test:
-        raise ValueError(
-            f"found only {len(test)} of {num_test} test sentences disjoint from train and "
-            f"within its vocabulary after {max_draws} draws; use more training sentences"
-        )
-    return train, test
+    vocab = {w for s in train for w in s.split()}
+    test = _held_out(np.random.default_rng([seed, 0x5E7, 1]), num_test, "test", set(train), vocab)
+    dev = _held_out(
+        np.random.default_rng([seed, 0x5E7, 2]), num_dev, "dev", set(train) | set(test), vocab
+    )
+    return train, test, dev
 
 
 # ---------------------------------------------------------------------------------------
@@ -714,7 +729,7 @@ def apply_augmentation(
 # Rendering (runs in worker processes)
 # ---------------------------------------------------------------------------------------
 
-_SPLIT_IDS = {"train": 0, "test": 1}
+_SPLIT_IDS = {split: i for i, split in enumerate(SPLITS)}
 _STREAM_AUDIO = 0xA0D  # keeps utterance streams apart from the sentence streams
 # espeak-ng carries hidden synthesis state from one utterance to the next (oscillator
 # phase, flutter position, ...; espeak_Terminate + espeak_Initialize do not reset it), so
@@ -791,15 +806,35 @@ def _render_block(task: tuple[list[_Job], _RenderConfig]) -> list[tuple[str, int
 # ---------------------------------------------------------------------------------------
 
 
-def _corpus_config(num_train: int, num_test: int, seed: int, pool: Sequence[Voice]) -> dict:
+def _corpus_config(sizes: dict[str, int], seed: int, pool: Sequence[Voice]) -> dict:
     return {
         "synth_version": SYNTH_VERSION,
-        "num_train": num_train,
-        "num_test": num_test,
+        **{f"num_{split}": sizes[split] for split in SPLITS},
         "seed": seed,
         "sample_rate": SAMPLE_RATE,
         "voices": [f"{v.engine}:{v.name}" for v in pool],
     }
+
+
+def _reusable_splits(marker: Path, config: dict, manifests: dict[str, Path]) -> tuple[list[str], dict]:
+    """The leading splits (in ``SPLITS`` order) an existing corpus already holds as
+    ``config`` would make them, and their recorded stats. A split's sentences depend on
+    the earlier splits only, so a changed split invalidates it and every later one."""
+    try:
+        old = json.loads(marker.read_text())
+        old_config, old_stats = old["config"], old["stats"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], {}
+    shared = [k for k in config if not k.startswith("num_")]
+    if any(old_config.get(k) != config[k] for k in shared):
+        return [], {}
+    kept = []
+    for split in SPLITS:
+        key = f"num_{split}"
+        if old_config.get(key) != config[key] or split not in old_stats or not manifests[split].is_file():
+            break
+        kept.append(split)
+    return kept, {split: old_stats[split] for split in kept}
 
 
 def synthesize_corpus(
@@ -807,6 +842,7 @@ def synthesize_corpus(
     *,
     num_train: int | None = DEFAULT_NUM_TRAIN,
     num_test: int | None = DEFAULT_NUM_TEST,
+    num_dev: int | None = DEFAULT_NUM_DEV,
     seed: int = 0,
     num_workers: int = 2,
     flite: str | bool = True,
@@ -814,14 +850,16 @@ def synthesize_corpus(
     """Synthesizes the embedded corpus into ``out_dir`` (cached).
 
     If ``out_dir/corpus.json`` records the same configuration (sizes, seed, synthesizer
-    version, voice pool) and both manifests exist, nothing is redone. Otherwise
-    ``out_dir/audio/{train,test}`` are replaced; ``out_dir`` belongs to the synthesizer.
+    version, voice pool) and the manifests exist, nothing is redone. Otherwise the splits
+    that differ are replaced (``out_dir/audio/<split>``), with every split after them in
+    ``SPLITS`` order: a corpus made before the dev split existed keeps its train and test
+    audio and gains ``dev``. ``out_dir`` belongs to the synthesizer.
 
     Args:
       out_dir: output folder (created).
-      num_train, num_test: utterances per split; 0 or None mean the defaults
-        (``DEFAULT_NUM_TRAIN``, ``DEFAULT_NUM_TEST``: configs use 0 for "default"). The
-        default test split holds > 1000 words, so one word error is < 0.1 % WER.
+      num_train, num_test, num_dev: utterances per split; 0 or None mean the defaults
+        (``DEFAULT_NUM_TRAIN``, ...: configs use 0 for "default"). The default test and
+        dev splits hold > 1000 words each, so one word error is < 0.1 % WER.
       seed: everything (sentences, voices, augmentation, noise) derives from it; the same
         seed gives byte-identical manifests and audio, whatever ``num_workers``.
       num_workers: processes speaking in parallel. Each block of ``BLOCK_SIZE``
@@ -832,12 +870,15 @@ def synthesize_corpus(
         ``FLITE_SHARE`` of the utterances.
 
     Returns:
-      ``{"train": out_dir/train.jsonl, "test": out_dir/test.jsonl}``.
+      ``{"train": out_dir/train.jsonl, "test": out_dir/test.jsonl, "dev": out_dir/dev.jsonl}``.
     """
-    num_train = num_train or DEFAULT_NUM_TRAIN
-    num_test = num_test or DEFAULT_NUM_TEST
-    if num_train < 0 or num_test < 0:
-        raise ValueError(f"corpus sizes must be >= 0, got {num_train=} {num_test=}")
+    sizes = {
+        "train": num_train or DEFAULT_NUM_TRAIN,
+        "test": num_test or DEFAULT_NUM_TEST,
+        "dev": num_dev or DEFAULT_NUM_DEV,
+    }
+    if min(sizes.values()) < 0:
+        raise ValueError(f"corpus sizes must be >= 0, got {sizes}")
     if importlib.util.find_spec("espeakng_loader") is None:  # found, not imported
         raise ImportError("the synthetic corpus needs espeak-ng: pip install 'usmqs[synth]'")
     out = Path(out_dir).absolute()
@@ -845,33 +886,28 @@ def synthesize_corpus(
         flite = shutil.which("flite")
     flite = flite or None
     pool = voice_pool(available_flite_voices(flite) if flite else ())
-    config = _corpus_config(num_train, num_test, seed, pool)
-    manifests = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
+    config = _corpus_config(sizes, seed, pool)
+    manifests = {split: out / f"{split}.jsonl" for split in SPLITS}
     marker = out / "corpus.json"
-    if marker.is_file() and all(p.is_file() for p in manifests.values()):
-        try:
-            if json.loads(marker.read_text())["config"] == config:
-                log.info("synthetic corpus in %s is up to date", out)
-                return manifests
-        except (ValueError, KeyError):
-            pass  # unreadable marker: regenerate
+    kept, kept_stats = _reusable_splits(marker, config, manifests)
+    if len(kept) == len(SPLITS):
+        log.info("synthetic corpus in %s is up to date", out)
+        return manifests
     marker.unlink(missing_ok=True)  # the corpus is incomplete until the marker is back
 
     start = time.perf_counter()
-    sentences = dict(zip(("train", "test"), generate_sentences(num_train, num_test, seed)))
-    jobs = []
+    drawn = generate_sentences(sizes["train"], sizes["test"], seed, sizes["dev"])
+    sentences = {split: texts for split, texts in zip(SPLITS, drawn) if split not in kept}
+    jobs: dict[str, list[_Job]] = {}
     for split, texts in sentences.items():
         folder = out / "audio" / split
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        jobs += [_Job(split, i, t, str(folder / f"{i:06d}.wav")) for i, t in enumerate(texts)]
+        jobs[split] = [_Job(split, i, t, str(folder / f"{i:06d}.wav")) for i, t in enumerate(texts)]
     render_config = _RenderConfig(seed=seed, pool=pool, flite=flite)
     blocks = [
         (jobs_of_split[i : i + BLOCK_SIZE], render_config)
-        for jobs_of_split in (
-            [j for j in jobs if j.split == "train"],
-            [j for j in jobs if j.split == "test"],
-        )
+        for jobs_of_split in jobs.values()
         for i in range(0, len(jobs_of_split), BLOCK_SIZE)
     ]
     # One fresh process per block (maxtasksperchild=1). forkserver forks them from a
@@ -888,7 +924,7 @@ def synthesize_corpus(
             for split, index, n in rendered:
                 samples[split, index] = n
 
-    stats = {}
+    stats = dict(kept_stats)
     for split, texts in sentences.items():
         rows = [
             {
@@ -913,7 +949,8 @@ def synthesize_corpus(
     tmp = marker.with_name("corpus.json.tmp")
     tmp.write_text(json.dumps({"config": config, "stats": stats}, indent=2) + "\n")
     os.replace(tmp, marker)
-    log.info("synthesized %d + %d utterances into %s in %.1f s", num_train, num_test, out,
-             time.perf_counter() - start)
+    log.info("synthesized %s utterances into %s in %.1f s (kept: %s)",
+             {k: len(v) for k, v in sentences.items()}, out, time.perf_counter() - start,
+             ", ".join(kept) or "nothing")
     return manifests
 
