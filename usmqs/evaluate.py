@@ -146,6 +146,14 @@ def split_manifest(config, split: str, manifest: str | None = None) -> tuple[str
     return manifest, SPLITS[split]
 
 
+def decodes_dev(config) -> bool:
+    """Whether runs of `config` decode a dev split after training (``eval.dev`` and a
+    dev manifest: configured, or the embedded corpus')."""
+    from usmqs import train as train_lib
+
+    return bool(config.eval.get("dev", False)) and train_lib.resolve_manifests(config)["dev"] is not None
+
+
 def write_results(workdir, metrics: dict, rows: list[dict], *, suffix: str = "") -> None:
     """`eval{suffix}.json` and `predictions{suffix}.jsonl` (rows: audio_filepath, text, pred_text)."""
     import json
@@ -220,7 +228,8 @@ def evaluate_workdir(
     if jax.process_index() == 0:  # every process decodes; one writes
         write_results(workdir, metrics, rows, suffix=suffix)
     print(
-        f"eval{'' if split == 'eval' else f' ({split})'}: WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
+        f"eval{'' if split == 'eval' else f' ({split})'}: "
+        f"WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
         f"({metrics['num_utterances']} utterances, {metrics['num_words']} words)",
         flush=True,
     )

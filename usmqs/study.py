@@ -380,12 +380,9 @@ def _added_key_defaults() -> dict:
 def with_dev_eval(cfg, run_dir: pathlib.Path, record: dict) -> dict:
     """A finished run's record with its dev split decoded, when the config has a dev
     split and the run finished before one existed (the record is updated on disk)."""
-    if record.get("dev") is not None or not cfg.eval.get("dev", False):
-        return record
     from usmqs import evaluate
-    from usmqs import train as train_lib
 
-    if train_lib.resolve_manifests(cfg)["dev"] is None:
+    if record.get("dev") is not None or not evaluate.decodes_dev(cfg):
         return record
     metrics = evaluate.evaluate_workdir(cfg, run_dir, split="dev")
     record = {**record, "dev": {k: metrics[k] for k in EVAL_KEYS}}

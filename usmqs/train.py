@@ -558,7 +558,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not config.eval.at_end:
         return {}
     metrics = evaluate_lib.evaluate_workdir(config, workdir, state=state, setup=setup)
-    if config.eval.get("dev", False) and resolve_manifests(config)["dev"] is not None:
+    if evaluate_lib.decodes_dev(config):
         metrics["dev"] = evaluate_lib.evaluate_workdir(config, workdir, state=state, setup=setup, split="dev")
     return metrics
 

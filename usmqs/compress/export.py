@@ -1010,8 +1010,9 @@ def export_workdir(config, workdir, *, index_encoding: IndexEncoding | str = Ind
 
 def evaluate_export(config, workdir, manifest: str | None = None, split: str = "eval") -> dict:
     """Decode a split (the eval manifest, or "dev") from ``workdir/export`` alone; write
-    ``eval_export.json`` and ``predictions_export.jsonl`` (``eval_export_dev.json``, ...). Model and tokenizer come from the export; `config`
-    supplies data/eval settings and must describe the same model."""
+    ``eval_export.json`` and ``predictions_export.jsonl`` (``eval_export_dev.json``, ...).
+    Model and tokenizer come from the export; `config` supplies data/eval settings and
+    must describe the same model."""
     from usmqs import evaluate as evaluate_lib
     from usmqs import train as train_lib
     from usmqs.data import pipeline
@@ -1031,7 +1032,8 @@ def evaluate_export(config, workdir, manifest: str | None = None, split: str = "
     metrics["export"] = True
     evaluate_lib.write_results(workdir, metrics, rows, suffix="_export" + suffix)
     print(
-        f"eval (export{'' if split == 'eval' else f', {split}'}): WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
+        f"eval (export{'' if split == 'eval' else f', {split}'}): "
+        f"WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
         f"({metrics['num_utterances']} utterances, {metrics['num_words']} words)",
         flush=True,
     )
