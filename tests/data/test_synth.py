@@ -333,6 +333,27 @@ def test_a_changed_split_is_redone_with_the_later_splits_only(tmp_path):
     assert [stats[s]["utterances"] for s in ("train", "test", "dev")] == [16, 3, 3]
 
 
+def test_concurrent_synthesis_into_one_folder_takes_turns(tmp_path):
+    """Two runs starting on a fresh machine ask for the same corpus at once: one makes it,
+    the other waits and finds it made (no half-deleted audio, one rendering)."""
+    script = textwrap.dedent(f"""
+        import logging, sys
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        from usmqs.data.synth import synthesize_corpus
+        synthesize_corpus(sys.argv[1], num_train=16, num_test=2, num_dev=2, seed=0, flite=False)
+    """)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "shared")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sum("synthesized" in log for log in logs) == 1, logs
+    synthesize_corpus(tmp_path / "alone", num_train=16, num_test=2, num_dev=2, seed=0, flite=False)
+    assert _tree_bytes(tmp_path / "shared") == _tree_bytes(tmp_path / "alone")
+
+
 def test_zero_sizes_mean_the_defaults_and_negative_sizes_fail(tmp_path, monkeypatch):
     monkeypatch.setattr(synth, "DEFAULT_NUM_TRAIN", 12)
     monkeypatch.setattr(synth, "DEFAULT_NUM_TEST", 3)

@@ -28,8 +28,10 @@ path imports this module.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
+import fcntl
 import functools
 import importlib.util
 import json
@@ -42,7 +44,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -853,7 +855,9 @@ def synthesize_corpus(
     version, voice pool) and the manifests exist, nothing is redone. Otherwise the splits
     that differ are replaced (``out_dir/audio/<split>``), with every split after them in
     ``SPLITS`` order: a corpus made before the dev split existed keeps its train and test
-    audio and gains ``dev``. ``out_dir`` belongs to the synthesizer.
+    audio and gains ``dev``. ``out_dir`` belongs to the synthesizer. Processes asking for
+    a corpus in the same ``out_dir`` take turns (a file lock, ``out_dir/.lock``): the
+    later one finds it made.
 
     Args:
       out_dir: output folder (created).
@@ -889,10 +893,34 @@ def synthesize_corpus(
     config = _corpus_config(sizes, seed, pool)
     manifests = {split: out / f"{split}.jsonl" for split in SPLITS}
     marker = out / "corpus.json"
+    with _exclusive(out):  # concurrent runs on one machine share the corpus folder
+        _make_corpus(out, config, sizes, seed, pool, flite, num_workers, manifests, marker)
+    return manifests
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Holds ``out/.lock`` (flock): one synthesizer per corpus folder at a time. Another
+    process asking for the same corpus waits, then finds it made (or makes what differs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process synthesizing into %s", out)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _make_corpus(out, config, sizes, seed, pool, flite, num_workers, manifests, marker) -> None:
+    """Renders the splits that ``out`` does not already hold as ``config`` makes them."""
     kept, kept_stats = _reusable_splits(marker, config, manifests)
     if len(kept) == len(SPLITS):
         log.info("synthetic corpus in %s is up to date", out)
-        return manifests
+        return
     marker.unlink(missing_ok=True)  # the corpus is incomplete until the marker is back
 
     start = time.perf_counter()
@@ -952,5 +980,3 @@ def synthesize_corpus(
     log.info("synthesized %s utterances into %s in %.1f s (kept: %s)",
              {k: len(v) for k, v in sentences.items()}, out, time.perf_counter() - start,
              ", ".join(kept) or "nothing")
-    return manifests
-
