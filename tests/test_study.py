@@ -169,6 +169,70 @@ def test_study_end_to_end_rerun_and_resume(small_corpus, tmp_path, jax_cache, ca
         study.run_study(cfg, wd)
 
 
+def test_fine_tuning_seeds_plan_rows_table_and_plot(tmp_path):
+    cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}:settings=int4+2:4")
+    cfg.seed = 10
+    cfg.study.finetune_seeds = 3
+    R, QAT = study.StudyRun, study.Method.QAT
+    runs = study.plan(cfg)
+    # A complete single-seed table first, then the other seeds.
+    assert [r.tag for r in runs] == [
+        "float float", "ptq int4+2:4", "qat float", "qat int4+2:4",
+        "qat float seed1", "qat int4+2:4 seed1", "qat float seed2", "qat int4+2:4 seed2",
+    ]
+    assert [r.subdir for r in runs[3:6]] == ["qat/int4+2:4", "qat_seed1/float", "qat_seed1/int4+2:4"]
+    wd = tmp_path.absolute()
+    assert "seed=11" in study.run_overrides(cfg, R(QAT, "int4+2:4", 1), wd)
+    assert not any(o.startswith("seed=") for o in study.run_overrides(cfg, R(QAT, "int4+2:4"), wd))
+    assert study.run_config(cfg, R(QAT, "float", 2), wd).seed == 12
+
+    def rec(wer, dev):
+        return {**_record(wer, 400, 3.0), "dev": {"wer": dev}}
+
+    records = {study.BASELINE: rec(0.20, 0.10), R(study.Method.PTQ, "int4+2:4"): rec(0.8, 0.7)}
+    for seed, (wer, dev) in enumerate([(0.24, 0.11), (0.26, 0.12), (0.25, 0.13)]):
+        records[R(QAT, "int4+2:4", seed)] = rec(wer, dev)
+    rows = study.result_rows(records)
+    assert [(r["name"], r["method"]) for r in rows] == [("float", "float"), ("int4+2:4", "ptq"), ("int4+2:4", "qat")]
+    qat = rows[-1]
+    assert qat["wer_seeds"] == [0.24, 0.26, 0.25] and qat["dev_wer_seeds"] == [0.11, 0.12, 0.13]
+    assert qat["wer"] == pytest.approx(0.25) and qat["dev_wer"] == pytest.approx(0.12)
+    assert qat["rel_wer_regression"] == pytest.approx(0.25)  # of the mean
+    table = study.format_table(rows)
+    assert "| int4+2:4 | 3 | 10.00 | 20.00 | 80.00 | 25.00 ± 1.00 | +300.0 | +25.0 |" in table
+    dev_table = study.format_table(study.dev_rows(rows))
+    assert "| int4+2:4 | 3 | 10.00 | 10.00 | 70.00 | 12.00 ± 1.00 | +600.0 | +20.0 |" in dev_table
+    assert study._rel_sd(qat, rows[:1]) == pytest.approx(5.0)  # 1 point sd of a 20 % WER
+    study.write_report(tmp_path / "report.md", rows, records, cfg, runs)
+    assert "3 fine-tuning seeds each (seed 10 ... 12)" in (tmp_path / "report.md").read_text()
+    study.plot_pareto(tmp_path / "pareto.png", rows)
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    cfg.study.finetune_seeds = 0
+    with pytest.raises(ValueError, match="study.finetune_seeds"):
+        study.validate_study_config(cfg)
+
+
+def test_a_second_fine_tuning_seed_trains_its_own_run(small_corpus, tmp_path, jax_cache):
+    spec = f"{ROOT / 'configs/study_demo.py'}:settings=int8"
+    cfg, _ = _study_config(
+        spec, jax_cache,
+        f"data.train_manifest={small_corpus['train']}", f"data.eval_manifest={small_corpus['test']}",
+        "train.num_steps=2", "train.checkpoint_every=2", "study.finetune_steps=2",
+        "study.finetune.warmup_steps=1", "study.float_control=False", "study.finetune_seeds=2",
+    )
+    wd = tmp_path / "study"
+    rows = study.run_study(cfg, wd)
+    losses = {
+        sub: [json.loads(l)["loss"] for l in (wd / sub / "metrics.jsonl").read_text().splitlines()]
+        for sub in ("qat/int8", "qat_seed1/int8")
+    }
+    assert losses["qat/int8"] != losses["qat_seed1/int8"]  # other batches, other noise
+    assert json.loads((wd / "qat_seed1/int8/config.json").read_text())["seed"] == cfg.seed + 1
+    qat = next(r for r in rows if r["method"] == "qat")
+    wers = [json.loads((wd / sub / "eval.json").read_text())["wer"] for sub in ("qat/int8", "qat_seed1/int8")]
+    assert qat["wer_seeds"] == wers and qat["wer"] == pytest.approx(sum(wers) / 2)
+
+
 def _fake_librispeech(root: pathlib.Path) -> None:
     rng = np.random.default_rng(0)
     words = "the cat sat on a mat and ran to see her big red dog".split()
@@ -250,6 +314,7 @@ def test_rows_report_and_plot_from_records(tmp_path):
         "name": "int2", "method": "ptq", "weight_bits": 2, "sparsity": None, "bits_per_weight": 2.0,
         "size_bytes": 300, "size_ratio": 0.075, "wer": 3.0, "rel_wer_regression": pytest.approx(14.0),
         "dev_wer": None,  # the records have no dev split
+        "wer_seeds": [3.0], "dev_wer_seeds": [],
     }
     assert by[("float", "float")]["bits_per_weight"] == 32.0
     table = study.format_table(rows)

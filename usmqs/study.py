@@ -20,9 +20,11 @@ the extra steps alone buy from what compression costs. Every run is exported
       float/              the baseline (``config.train`` recipe, float policy)
       ptq/<NAME>/         one run dir per setting: checkpoints, eval.json, export/, done.json
       qat/<NAME>/         ... and qat/float/, the fine-tuned float control
+      qat_seed<k>/<NAME>/ the same fine-tunes with seed k (``study.finetune_seeds`` > 1)
       data_cache/         prepared features, shared by every run (unless data.cache_dir)
       results.json        rows (DESIGN.md): name, method, weight_bits, sparsity,
-                          bits_per_weight, size_bytes, size_ratio, wer, rel_wer_regression
+                          bits_per_weight, size_bytes, size_ratio, wer, rel_wer_regression;
+                          and dev_wer, wer_seeds, dev_wer_seeds (`result_rows`)
       report.md           the table, how to read it against the paper, run costs
       pareto.png          relative WER regression vs size, PTQ and QAT, the paper's point
 
@@ -53,6 +55,7 @@ import functools
 import json
 import os
 import pathlib
+import statistics
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -78,6 +81,7 @@ RUN_CONFIG_FILE = "run_config.txt"  # what `usmqs evaluate/export --workdir` reb
 ROW_KEYS = (
     "name", "method", "weight_bits", "sparsity", "bits_per_weight",
     "size_bytes", "size_ratio", "wer", "rel_wer_regression", "dev_wer",
+    "wer_seeds", "dev_wer_seeds",
 )
 EVAL_KEYS = ("wer", "cer", "num_utterances", "num_words", "step")
 
@@ -118,6 +122,10 @@ def default_study_config() -> ml_collections.ConfigDict:
             ),
             # Fine-tune the float baseline with the same recipe and budget (qat/float).
             float_control=True,
+            # Fine-tunes per setting (and control), with seeds config.seed + 0 ... k-1
+            # (data order, SpecAugment, dropout): the table shows their mean ± sd. Seed
+            # k > 0 runs in qat_seed<k>/<NAME>.
+            finetune_seeds=1,
             # Also decode every run from its packed export and check it gives the same WER.
             eval_export=False,
             # PTQ/QAT runs (and the float control) compile bits and N:M as runtime values
@@ -139,14 +147,17 @@ class StudyRun:
 
     method: Method
     name: str  # the policy NAME (DESIGN.md), also results.json's `name`
+    seed: int = 0  # QAT only: which fine-tuning seed (config.seed + seed)
 
     @property
     def subdir(self) -> str:
-        return "float" if self.method is Method.FLOAT else f"{self.method}/{self.name}"
+        if self.method is Method.FLOAT:
+            return "float"
+        return f"{self.method}{f'_seed{self.seed}' if self.seed else ''}/{self.name}"
 
     @property
     def tag(self) -> str:
-        return f"{self.method} {self.name}"
+        return f"{self.method} {self.name}{f' seed{self.seed}' if self.seed else ''}"
 
 
 BASELINE = StudyRun(Method.FLOAT, "float")
@@ -169,6 +180,9 @@ def validate_study_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"study.settings has duplicates: {settings}")
     if not isinstance(s.finetune_steps, int) or s.finetune_steps < 1:
         raise ValueError(f"study.finetune_steps must be a positive int, got {s.finetune_steps!r}")
+    seeds = s.get("finetune_seeds", 1)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"study.finetune_seeds must be a positive int, got {seeds!r}")
     bad = [k for k in s.finetune if k not in config.train or k == "num_steps"]
     if bad:
         raise ValueError(
@@ -180,13 +194,15 @@ def validate_study_config(config: ml_collections.ConfigDict) -> None:
 
 def plan(config: ml_collections.ConfigDict) -> list[StudyRun]:
     """The runs in execution order: baseline, every PTQ (cheap: a first picture early),
-    the float control, every QAT."""
+    the float control, every QAT; then the control and every QAT again per further
+    fine-tuning seed (a complete single-seed table comes first)."""
     settings = tuple(config.study.settings)
     runs = [BASELINE]
     runs += [StudyRun(Method.PTQ, n) for n in settings]
-    if config.study.float_control:
-        runs.append(StudyRun(Method.QAT, "float"))
-    runs += [StudyRun(Method.QAT, n) for n in settings]
+    for seed in range(config.study.get("finetune_seeds", 1)):
+        if config.study.float_control:
+            runs.append(StudyRun(Method.QAT, "float", seed))
+        runs += [StudyRun(Method.QAT, n, seed) for n in settings]
     return runs
 
 
@@ -206,6 +222,8 @@ def run_overrides(config, run: StudyRun, workdir: pathlib.Path) -> list[str]:
         o.append("train.num_steps=0")
     elif run.method is Method.QAT:
         o.append(f"train.num_steps={config.study.finetune_steps}")
+        if run.seed:
+            o.append(f"seed={config.seed + run.seed}")
         o += [f"train.{k}={_fmt(v)}" for k, v in finetune_recipe(config).items()]
     return o
 
@@ -493,26 +511,36 @@ def result_rows(records: Mapping[StudyRun, dict]) -> list[dict]:
     scales, container and metadata; the tokenizer left out) and
     ``size_ratio = size_bytes / (4 * parameters)``. ``dev_wer``: the same run on the
     dev split (None without one), for choosing recipes without looking at ``wer``.
+    With several fine-tuning seeds (``study.finetune_seeds``) a QAT row stands for all
+    of its finished seeds: ``wer`` and ``dev_wer`` are their means (the regression is
+    the mean's), ``wer_seeds`` / ``dev_wer_seeds`` the per-seed values in seed order,
+    sizes those of its first seed. Other rows have one value in ``wer_seeds``.
     """
     float_wer = records[BASELINE]["eval"]["wer"]
     rows = []
     position = {n: i for i, n in enumerate(NAMED_POLICIES)}
     methods = list(Method)
-    order = sorted(records, key=lambda r: (position[r.name], methods.index(r.method)))
-    for run in order:
-        rec = records[run]
-        bpw = rec["size"]["compressed_layers_bits_per_weight_no_scales"]
-        wer = rec["eval"]["wer"]
+    groups: dict[tuple[str, Method], list[dict]] = {}
+    for run in sorted(records, key=lambda r: (position[r.name], methods.index(r.method), r.seed)):
+        groups.setdefault((run.name, run.method), []).append(records[run])
+    for (name, method), recs in groups.items():
+        first = recs[0]
+        bpw = first["size"]["compressed_layers_bits_per_weight_no_scales"]
+        wers = [rec["eval"]["wer"] for rec in recs]
+        devs = [rec["dev"]["wer"] for rec in recs if rec.get("dev")]
+        wer = statistics.fmean(wers)
         row = {
-            "name": run.name,
-            "method": str(run.method),
-            **setting_fields(run.name),
+            "name": name,
+            "method": str(method),
+            **setting_fields(name),
             "bits_per_weight": 32.0 if bpw is None else bpw,
-            "size_bytes": rec["size"]["model_bytes"],
-            "size_ratio": rec["size"]["size_ratio"],
+            "size_bytes": first["size"]["model_bytes"],
+            "size_ratio": first["size"]["size_ratio"],
             "wer": wer,
             "rel_wer_regression": rel_regression(wer, float_wer),
-            "dev_wer": (rec.get("dev") or {}).get("wer"),
+            "dev_wer": statistics.fmean(devs) if devs else None,
+            "wer_seeds": wers,
+            "dev_wer_seeds": devs,
         }
         rows.append({k: row[k] for k in ROW_KEYS})
     return rows
@@ -524,9 +552,20 @@ def _pct(x: float | None, digits: int = 1, sign: bool = False) -> str:
     return f"{100 * x:+.{digits}f}" if sign else f"{100 * x:.{digits}f}"
 
 
+def _wer_cell(row: dict | None) -> str:
+    """A row's WER %; "mean ± sd" over its seeds when it has several."""
+    if row is None:
+        return "—"
+    seeds = row["wer_seeds"]
+    if len(seeds) > 1:
+        return f"{100 * row['wer']:.2f} ± {100 * statistics.stdev(seeds):.2f}"
+    return _pct(row["wer"], 2)
+
+
 def format_table(rows: Sequence[dict]) -> str:
     """Markdown table, one line per setting: bits/weight, size, float/PTQ/QAT WER and the
-    relative regressions (QAT of 'float' is the fine-tuned control)."""
+    relative regressions (QAT of 'float' is the fine-tuned control; with several
+    fine-tuning seeds, QAT WER is their mean ± sample sd)."""
     by = {(r["name"], r["method"]): r for r in rows}
     base = by[("float", "float")]
     names = [n for n in NAMED_POLICIES if any(r["name"] == n for r in rows)]
@@ -542,7 +581,7 @@ def format_table(rows: Sequence[dict]) -> str:
             ref = base
         lines.append(
             f"| {n} | {ref['bits_per_weight']:.3g} | {_pct(ref['size_ratio'], 2)} "
-            f"| {_pct(base['wer'], 2)} | {_pct(ptq and ptq['wer'], 2)} | {_pct(qat and qat['wer'], 2)} "
+            f"| {_pct(base['wer'], 2)} | {_wer_cell(ptq)} | {_wer_cell(qat)} "
             f"| {_pct(ptq and ptq['rel_wer_regression'], 1, True)} "
             f"| {_pct(qat and qat['rel_wer_regression'], 1, True)} |"
         )
@@ -559,6 +598,7 @@ def dev_rows(rows: Sequence[dict]) -> list[dict]:
         {
             **r,
             "wer": r["dev_wer"],
+            "wer_seeds": r["dev_wer_seeds"],
             "rel_wer_regression": None if r["dev_wer"] is None else rel_regression(r["dev_wer"], base["dev_wer"]),
         }
         for r in rows
@@ -655,6 +695,11 @@ def write_report(
         f"{s.finetune_steps} steps from the baseline with "
         + (", ".join(f"train.{k}={v}" for k, v in finetune_recipe(config).items()) or "the float recipe")
         + "".join(f", policy.{k}={v}" for k, v in _named_pruning(config).items())
+        + (
+            f"; {s.finetune_seeds} fine-tuning seeds each (seed {config.seed} ... "
+            f"{config.seed + s.finetune_seeds - 1}): QAT WER is their mean ± sample sd"
+            if s.get("finetune_seeds", 1) > 1 else ""
+        )
         + ". WER from the fake-quant evaluation of each run's final checkpoint "
         f"({config.eval.decoder} decoding; the packed export decodes to the same tokens).",
         "",
@@ -683,6 +728,13 @@ def write_report(
     _atomic_write(pathlib.Path(path), "\n".join(md))
 
 
+def _rel_sd(row: dict, base: Sequence[dict]) -> float:
+    """Sample sd of a row's relative regression % over its seeds (0 with one seed)."""
+    if len(row["wer_seeds"]) < 2 or not base or base[0]["wer"] <= 0:
+        return 0.0
+    return 100 * statistics.stdev(row["wer_seeds"]) / base[0]["wer"]
+
+
 def plot_pareto(path, rows: Sequence[dict]) -> None:
     """pareto.png: x = size % of fp32 (log), y = relative WER regression %, PTQ and QAT
     series with a label per point, the paper's point marked."""
@@ -700,17 +752,19 @@ def plot_pareto(path, rows: Sequence[dict]) -> None:
                    label="float baseline", zorder=3)
     for method, marker, color in (("ptq", "o", "tab:orange"), ("qat", "s", "tab:blue")):
         pts = sorted(
-            (100 * r["size_ratio"], 100 * r["rel_wer_regression"], r["name"])
+            (100 * r["size_ratio"], 100 * r["rel_wer_regression"], r["name"], _rel_sd(r, base))
             for r in rows
             if r["method"] == method and r["rel_wer_regression"] is not None
         )
         if not pts:
             continue
-        xs, ys, _ = zip(*pts)
+        xs, ys, _, sds = zip(*pts)
         ys_all += ys
         label = {"ptq": "PTQ (no fine-tuning)", "qat": "QAT (fine-tuned; float = control)"}[method]
-        ax.scatter(xs, ys, marker=marker, color=color, label=label, zorder=3)
-        for x, y, n in pts:
+        if any(sds):
+            label += "\n(bars: ± sd over fine-tuning seeds)"
+        ax.errorbar(xs, ys, yerr=sds, fmt=marker, color=color, label=label, zorder=3, capsize=3)
+        for x, y, n, _ in pts:
             ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8, color=color)
     ax.scatter(
         [p["size_percent"]], [p["rel_wer_regression_percent"]], marker="*", s=220,
