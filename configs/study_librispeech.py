@@ -5,8 +5,8 @@
         --config configs/study_librispeech.py:train=/data/ls/train-clean-100.jsonl,eval=/data/ls/test-clean.jsonl,dev=/data/ls/dev-clean.jsonl
 
 Colon arguments (comma-separated): ``train=MANIFEST``, ``eval=MANIFEST`` (the reported
-split), ``dev=MANIFEST`` (optional: the split to choose recipes on, decoded beside it) (or
-``--config.data.train_manifest=`` / ``--config.data.eval_manifest=`` / ``--config.data.dev_manifest=``);
+split), ``dev=MANIFEST`` (optional: the split to choose recipes on, decoded beside it)
+(or ``--config.data.train_manifest=`` / ``eval_manifest=`` / ``dev_manifest=``);
 ``preset=conformer_m`` (default) or ``conformer_s``; ``settings=A/B/...`` (policy NAMEs,
 '/'-separated; default the paper's ten). For train-960, concatenate the three training
 manifests (their audio paths are absolute): ``cat /data/ls/train-*.jsonl > train-960.jsonl``.
@@ -15,8 +15,8 @@ Expected cost (an estimate from FLOPs, not yet measured): 40k float steps + 11 x
 fine-tuning steps (ten settings + the float control) = 150k steps of batch 64 at up to
 17 s; Conformer-M is ~27M parameters, ~4 TFLOP per step, about 0.1 s per step on one
 H100 in float32, so ~4-6 h of training, plus 22 evaluations of test-clean and of
-dev-clean (~1 min each) and a one-off feature extraction (float16 log-mel: ~6 GB for train-clean-100, ~55 GB for
-train-960). Conformer-S is about a third of that. Everything resumes: rerun the same
+dev-clean (~1 min each) and a one-off feature extraction (float16 log-mel: ~6 GB for
+train-clean-100, ~55 GB for train-960). Conformer-S is about a third of that. Everything resumes: rerun the same
 command after an interruption.
 """
 

@@ -148,10 +148,20 @@ def split_manifest(config, split: str, manifest: str | None = None) -> tuple[str
 
 def decodes_dev(config) -> bool:
     """Whether runs of `config` decode a dev split after training (``eval.dev`` and a
-    dev manifest: configured, or the embedded corpus')."""
-    from usmqs import train as train_lib
+    dev manifest: configured, or the embedded corpus', which always has one). Reads the
+    config only: the corpus is resolved (synthesized) when the split is decoded."""
+    d = config.data
+    embedded = not (d.train_manifest and d.eval_manifest)
+    return bool(config.eval.get("dev", False)) and bool(d.get("dev_manifest", "") or embedded)
 
-    return bool(config.eval.get("dev", False)) and train_lib.resolve_manifests(config)["dev"] is not None
+
+def summary_line(metrics: dict, what: str = "") -> str:
+    """``eval (what): WER ...  CER ...  (N utterances, W words)``."""
+    return (
+        f"eval{f' ({what})' if what else ''}: "
+        f"WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
+        f"({metrics['num_utterances']} utterances, {metrics['num_words']} words)"
+    )
 
 
 def write_results(workdir, metrics: dict, rows: list[dict], *, suffix: str = "") -> None:
@@ -227,10 +237,5 @@ def evaluate_workdir(
     metrics["step"] = int(jax.device_get(state.step))
     if jax.process_index() == 0:  # every process decodes; one writes
         write_results(workdir, metrics, rows, suffix=suffix)
-    print(
-        f"eval{'' if split == 'eval' else f' ({split})'}: "
-        f"WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
-        f"({metrics['num_utterances']} utterances, {metrics['num_words']} words)",
-        flush=True,
-    )
+    print(summary_line(metrics, "" if split == "eval" else split), flush=True)
     return metrics

@@ -1031,10 +1031,5 @@ def evaluate_export(config, workdir, manifest: str | None = None, split: str = "
     metrics["step"] = served.metadata.get("step")
     metrics["export"] = True
     evaluate_lib.write_results(workdir, metrics, rows, suffix="_export" + suffix)
-    print(
-        f"eval (export{'' if split == 'eval' else f', {split}'}): "
-        f"WER {metrics['wer'] * 100:.2f}%  CER {metrics['cer'] * 100:.2f}%  "
-        f"({metrics['num_utterances']} utterances, {metrics['num_words']} words)",
-        flush=True,
-    )
+    print(evaluate_lib.summary_line(metrics, "export" if split == "eval" else f"export, {split}"), flush=True)
     return metrics

@@ -876,11 +876,8 @@ def synthesize_corpus(
     Returns:
       ``{"train": out_dir/train.jsonl, "test": out_dir/test.jsonl, "dev": out_dir/dev.jsonl}``.
     """
-    sizes = {
-        "train": num_train or DEFAULT_NUM_TRAIN,
-        "test": num_test or DEFAULT_NUM_TEST,
-        "dev": num_dev or DEFAULT_NUM_DEV,
-    }
+    defaults = (DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST, DEFAULT_NUM_DEV)
+    sizes = {split: n or d for split, n, d in zip(SPLITS, (num_train, num_test, num_dev), defaults)}
     if min(sizes.values()) < 0:
         raise ValueError(f"corpus sizes must be >= 0, got {sizes}")
     if importlib.util.find_spec("espeakng_loader") is None:  # found, not imported
@@ -890,11 +887,9 @@ def synthesize_corpus(
         flite = shutil.which("flite")
     flite = flite or None
     pool = voice_pool(available_flite_voices(flite) if flite else ())
-    config = _corpus_config(sizes, seed, pool)
     manifests = {split: out / f"{split}.jsonl" for split in SPLITS}
-    marker = out / "corpus.json"
     with _exclusive(out):  # concurrent runs on one machine share the corpus folder
-        _make_corpus(out, config, sizes, seed, pool, flite, num_workers, manifests, marker)
+        _make_corpus(out, _corpus_config(sizes, seed, pool), pool, flite, num_workers, manifests)
     return manifests
 
 
@@ -915,8 +910,10 @@ def _exclusive(out: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _make_corpus(out, config, sizes, seed, pool, flite, num_workers, manifests, marker) -> None:
+def _make_corpus(out: Path, config: dict, pool, flite, num_workers: int, manifests: dict[str, Path]) -> None:
     """Renders the splits that ``out`` does not already hold as ``config`` makes them."""
+    marker = out / "corpus.json"
+    seed = config["seed"]
     kept, kept_stats = _reusable_splits(marker, config, manifests)
     if len(kept) == len(SPLITS):
         log.info("synthetic corpus in %s is up to date", out)
@@ -924,7 +921,7 @@ def _make_corpus(out, config, sizes, seed, pool, flite, num_workers, manifests, 
     marker.unlink(missing_ok=True)  # the corpus is incomplete until the marker is back
 
     start = time.perf_counter()
-    drawn = generate_sentences(sizes["train"], sizes["test"], seed, sizes["dev"])
+    drawn = generate_sentences(config["num_train"], config["num_test"], seed, config["num_dev"])
     sentences = {split: texts for split, texts in zip(SPLITS, drawn) if split not in kept}
     jobs: dict[str, list[_Job]] = {}
     for split, texts in sentences.items():
