@@ -50,17 +50,17 @@ def make_config(preset: str, policy: str):
 def phase_make(cfg, workdir: pathlib.Path) -> dict:
     import jax
     import jax.numpy as jnp
-    from usmqs import train
+    from usmqs import run
     from usmqs.data.tokenizer import Tokenizer
 
     tok = Tokenizer.train(["the quick brown fox jumps over the lazy dog"], workdir / "tokenizer", 0, "char")
-    setup = train.build(cfg, tok.vocab_size)
+    setup = run.build(cfg, tok.vocab_size)
     state = setup.init_fn(jax.random.PRNGKey(0))
 
-    state = train.init_masks(setup, state)  # one-shot masks from the initial weights
+    state = run.init_masks(setup, state)  # one-shot masks from the initial weights
     params = state.params
-    mngr = train.checkpoint_manager(workdir, cfg)
-    train.save_state(mngr, state.replace(step=jnp.asarray(1, jnp.int32)), {})
+    mngr = run.checkpoint_manager(workdir, cfg)
+    run.save_state(mngr, state.replace(step=jnp.asarray(1, jnp.int32)), {})
     mngr.close()
     n = sum(x.size for x in jax.tree.leaves(params))
     return {"num_params": int(n)}

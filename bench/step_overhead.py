@@ -31,7 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from usmqs import config as config_lib  # noqa: E402
-from usmqs import train  # noqa: E402
+from usmqs import run, train  # noqa: E402
 from usmqs.compress.policy import NAMED_POLICIES  # noqa: E402
 
 
@@ -54,10 +54,10 @@ def build_step(preset: str, policy: str, batch: dict, vocab: int, overrides: lis
         cfg.policy.rules = ({"module_path": ".*", "weight_bits": int(bits), "nm": nm},)
     cfg.mesh.data = 1
     config_lib.apply_overrides(cfg, overrides)
-    setup = train.build(cfg, vocab, mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")))
+    setup = run.build(cfg, vocab, mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")))
     step_fn, batch_sh = train.make_train_step(setup, cfg)
     state = setup.init_fn(jax.random.PRNGKey(0))
-    dev_batch = train.device_batch(batch, batch_sh)
+    dev_batch = run.device_batch(batch, batch_sh)
     t0 = time.perf_counter()
     state, m = step_fn(state, dev_batch)
     jax.block_until_ready(m["loss"])

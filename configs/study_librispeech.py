@@ -25,12 +25,12 @@ from usmqs.study import default_study_config
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
-    c = base_config(str(args.get("preset", "conformer_m")))
+    args = parse_arg(arg, preset="conformer_m", train="", eval="", dev="", settings="")
+    c = base_config(args.preset)
     c.policy.name = "float"
-    c.data.train_manifest = str(args.get("train", ""))
-    c.data.eval_manifest = str(args.get("eval", ""))
-    c.data.dev_manifest = str(args.get("dev", ""))
+    c.data.train_manifest = args.train
+    c.data.eval_manifest = args.eval
+    c.data.dev_manifest = args.dev
     c.data.num_mel_bins = 80
     c.data.vocab_size = 256
     c.data.batch_size = 64
@@ -50,6 +50,6 @@ def get_config(arg=None):
     c.study.finetune_steps = 10_000
     c.study.finetune.learning_rate = 3e-4
     c.study.finetune.warmup_steps = 500
-    if "settings" in args:
-        c.study.settings = tuple(s for s in str(args["settings"]).split("/") if s)
+    if args.settings:
+        c.study.settings = tuple(s for s in args.settings.split("/") if s)
     return c

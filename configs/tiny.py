@@ -26,9 +26,9 @@ from usmqs.config import base_config, parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, policy="float", micro=False)
     c = base_config("tiny")
-    c.policy.name = args.get("policy", "float")
+    c.policy.name = args.policy
     c.model.dropout = 0.0
     c.model.attention_dropout = 0.0
     c.data.tokenizer_type = "char"
@@ -39,4 +39,11 @@ def get_config(arg=None):
     c.train.num_steps = 2500
     c.train.warmup_steps = 200
     c.train.learning_rate = 3e-3
+    if args.micro:
+        # The test-sized model (2 layers, d=48) and one length bucket: one compiled
+        # train step per run keeps the test suite fast.
+        c.model.update(num_layers=2, model_dim=48, num_heads=2, ffn_dim=96, subsample_channels=16, conv_kernel_size=7)
+        c.data.update(batch_size=8, vocab_size=40, bucket_boundaries=(450,), max_frames=450)
+        c.train.warmup_steps = 2
+        c.mesh.data = 1
     return c

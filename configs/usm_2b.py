@@ -26,17 +26,13 @@ Colon arguments (comma separated):
 from usmqs.config import base_config, parse_arg
 
 PER_DEVICE_BATCH = 16  # utterances per chip and step
-KNOWN_ARGS = ("policy", "devices")
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
-    unknown = sorted(set(args) - set(KNOWN_ARGS))
-    if unknown:
-        raise ValueError(f"configs/usm_2b.py: unknown argument(s) {unknown}; known: {KNOWN_ARGS}")
-    devices = int(args.get("devices", 64))
+    args = parse_arg(arg, policy="float", devices=64)
+    devices = args.devices
     c = base_config("usm_2b")
-    c.policy.name = args.get("policy", "float")
+    c.policy.name = args.policy
 
     c.data.num_mel_bins = c.model.num_mel_bins  # 128, USM's front end
     c.data.vocab_size = 1024

@@ -9,21 +9,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-# The test-sized model and data shapes (configs/tiny.py shrunk): 2 layers, d=48, one
-# length bucket (one compiled train step per run keeps the suite fast).
+# configs/tiny.py:micro as overrides (tests/test_study.py still applies them).
 TINY_OVERRIDES = (
-    "data.batch_size=8",
-    "data.vocab_size=40",
-    "data.bucket_boundaries=(450,)",
-    "data.max_frames=450",
-    "train.warmup_steps=2",
-    "model.num_layers=2",
-    "model.model_dim=48",
-    "model.num_heads=2",
-    "model.ffn_dim=96",
-    "model.subsample_channels=16",
-    "model.conv_kernel_size=7",
-    "mesh.data=1",
+    "data.batch_size=8", "data.vocab_size=40", "data.bucket_boundaries=(450,)", "data.max_frames=450",
+    "train.warmup_steps=2", "model.num_layers=2", "model.model_dim=48", "model.num_heads=2",
+    "model.ffn_dim=96", "model.subsample_channels=16", "model.conv_kernel_size=7", "mesh.data=1",
 )
 
 
@@ -37,14 +27,13 @@ def small_corpus(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 def tiny_config(corpus: dict, *, policy: str = "float", steps: int = 8, **model):
-    """configs/tiny.py shrunk for tests: 2 layers, d=48, manifests of `corpus`."""
+    """``configs/tiny.py:micro`` (2 layers, d=48, one length bucket) on `corpus`."""
     from usmqs import config as config_lib
 
-    cfg = config_lib.load_config(f"{ROOT / 'configs/tiny.py'}:policy={policy}")
+    cfg = config_lib.load_config(f"{ROOT / 'configs/tiny.py'}:micro,policy={policy}")
     overrides = [
         f"data.train_manifest={corpus['train']}",
         f"data.eval_manifest={corpus['test']}",
-        *TINY_OVERRIDES,
         f"train.num_steps={steps}",
         "train.log_every=2",
         f"train.checkpoint_every={max(steps // 2, 1)}",

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -148,10 +149,10 @@ def check_shardings():
     """Params, AdamW moments and N:M masks get the specs the logical rules give."""
     import optax
 
-    from usmqs import train
+    from usmqs import run, train
 
     cfg = _config({"data": 2, "fsdp": 2, "tensor": 2})
-    setup = train.build(cfg, VOCAB)
+    setup = run.build(cfg, VOCAB)
     sh = setup.state_shardings
     params = {k: v.spec for k, v in _named(sh.params).items()}
     masks = {k: v.spec for k, v in _named(sh.rest).items()}
@@ -186,16 +187,17 @@ def check_sharded_training():
     import optax
 
     from usmqs import compile as compile_lib
-    from usmqs import train
+    from usmqs import run, train
+    from usmqs.data import pipeline
 
     cfg1, cfg8 = _config({}), _config({"fsdp": 8})
     for cfg in (cfg1, cfg8):
         cfg.data.bucket_boundaries = (200,)  # the shape compile_lib.abstract_batch uses
         cfg.data.max_frames = 200
-    one = train.build(cfg1, VOCAB, mesh=sharding_lib.make_mesh(cfg1.mesh, jax.devices()[:1]))
+    one = run.build(cfg1, VOCAB, mesh=sharding_lib.make_mesh(cfg1.mesh, jax.devices()[:1]))
     step1, batch_sh1 = train.make_train_step(one, cfg1)
     _, step8 = compile_lib.compile_train_step(cfg8, vocab_size=VOCAB, with_init=False)
-    eight = train.build(cfg8, VOCAB)
+    eight = run.build(cfg8, VOCAB)
     _, batch_sh8 = train.make_train_step(eight, cfg8)
 
     # Init: same values; every device holds exactly its shard; the compiled init's
@@ -219,14 +221,14 @@ def check_sharded_training():
     # ZeRO-3: XLA all-gathers weights (per layer, inside the scan), never activations:
     # no all-gathered array has a time axis (T frames, T' after subsampling, 2T'-1).
     t = 200
-    t_sub = train.pipeline.subsampled_length(t, cfg8.data.subsampling_factor)
-    gathers = [s for op, s in compile_lib.collectives(step8.as_text()) if op == "all-gather"]
+    t_sub = pipeline.subsampled_length(t, cfg8.data.subsampling_factor)
+    gathers = re.findall(r"= \(?([a-z0-9]+\[[0-9,]*\])[^ ]* all-gather\(", step8.as_text())
     dims = [{int(d) for d in s[s.index("[") + 1 : -1].split(",") if d} for s in gathers]
     assert gathers and not any(d & {t, t_sub, 2 * t_sub - 1} for d in dims), gathers
 
     # Three steps each (the first has lr 0: warm-up starts there).
     batch = _batch(cfg1)
-    b1, b8 = train.device_batch(batch, batch_sh1), train.device_batch(batch, batch_sh8)
+    b1, b8 = run.device_batch(batch, batch_sh1), run.device_batch(batch, batch_sh8)
     losses1, losses8 = [], []
     for i in range(3):
         state1, m1 = step1(state1, b1)

@@ -407,6 +407,7 @@ def test_compilation_cache_is_scoped(tmp_path):
 
 def test_full_recipe_fine_tunes_a_quarter_of_tiny_with_distillation(tmp_path):
     from usmqs import train
+    from usmqs.compress.policy import policy_from_config
 
     tiny = config_lib.load_config(f"{ROOT / 'configs/tiny.py'}")
     cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}:full,settings=int4+2:4")
@@ -419,7 +420,7 @@ def test_full_recipe_fine_tunes_a_quarter_of_tiny_with_distillation(tmp_path):
         assert qat.train.learning_rate == tiny.train.learning_rate / 2
         assert qat.train.distill_weight == 0.5 and train.distills(qat)
         assert qat.init_from == str(tmp_path / "float")  # the teacher is the baseline
-        spec = train.make_policy(qat).resolve("blocks/ffn1/w_in")
+        spec = policy_from_config(qat.policy).resolve("blocks/ffn1/w_in")
         assert spec.runtime and spec.prune_grad.value == "srste" and spec.mask_schedule.every == 50
     assert study._named_pruning(cfg) == {"mask_every": 50, "prune_grad": "srste"}  # in report.md
     assert study._named_pruning(config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}")) == {}

@@ -10,9 +10,7 @@ import sys
 def _config(args, overrides):
     from usmqs import config as config_lib
 
-    cfg = config_lib.load_config(args.config)
-    config_lib.apply_overrides(cfg, overrides)
-    return cfg
+    return config_lib.load(args.config, overrides)
 
 
 def cmd_synth(args, overrides):
@@ -38,37 +36,21 @@ def cmd_import_librispeech(args, overrides):
 
 
 def cmd_train(args, overrides):
-    import json
-    import pathlib
-
     from usmqs import train
 
-    cfg = _config(args, overrides)
-    workdir = pathlib.Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    # How to rebuild this config later (evaluate/export without --config).
-    path, sep, arg = args.config.partition(":")
-    spec = str(pathlib.Path(path).resolve()) + sep + arg
-    (workdir / "run_config.txt").write_text(json.dumps([spec, overrides]))
-    train.train_and_evaluate(cfg, args.workdir)
+    train.train_and_evaluate(_config(args, overrides), args.workdir)
 
 
 def _workdir_config(args, overrides):
     """--config if given, else the config the run in WORKDIR was trained with."""
-    import json
-    import pathlib
-
     from usmqs import config as config_lib
 
     if args.config:
         return _config(args, overrides)
-    saved = pathlib.Path(args.workdir) / "run_config.txt"
-    if not saved.exists():
-        raise SystemExit(f"{args.workdir}: no run_config.txt; pass --config")
-    spec, saved_overrides = json.loads(saved.read_text())
-    cfg = config_lib.load_config(spec)
-    config_lib.apply_overrides(cfg, saved_overrides + overrides)
-    return cfg
+    try:
+        return config_lib.load_saved(args.workdir, overrides)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
 
 
 def cmd_evaluate(args, overrides):

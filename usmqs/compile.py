@@ -2,7 +2,7 @@
 
 MaxText's ``train_compile.py`` idea: find out-of-memory and sharding mistakes for a pod
 before renting it. Everything is abstract: the state is `jax.eval_shape` of the init
-function carrying the shardings `train.build` derives from the logical-axis rules, the
+function carrying the shardings `run.build` derives from the logical-axis rules, the
 batch is a `jax.ShapeDtypeStruct` of the largest training bucket. The real jitted,
 donated train step is lowered and compiled for the mesh; XLA's memory analysis of the
 compiled program gives the bytes each device needs::
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from usmqs import sharding as sharding_lib
+from usmqs import run as run_lib
 from usmqs import train
 from usmqs.data import pipeline
 
@@ -135,17 +135,6 @@ def memory_report(compiled) -> dict:
     return {"per_device_bytes": per, "peak_bytes_per_device": peak}
 
 
-_COLLECTIVE = re.compile(
-    r"= \(?([a-z0-9]+\[[0-9,]*\])[^ ]* (all-gather|all-reduce|reduce-scatter|all-to-all)\("
-)
-
-
-def collectives(hlo_text: str) -> list[tuple[str, str]]:
-    """``[(op, result shape)]`` of the collectives in optimized HLO text, e.g.
-    ``("all-gather", "f32[1536,6144]")`` (first result of a tuple-shaped op)."""
-    return [(op, shape) for shape, op in _COLLECTIVE.findall(hlo_text)]
-
-
 def compile_train_step(config, *, vocab_size: int | None = None, frames: int | None = None,
                        with_init: bool = True):
     """Lower and compile the real train step (and the init) of `config` for its mesh.
@@ -156,7 +145,7 @@ def compile_train_step(config, *, vocab_size: int | None = None, frames: int | N
     compiled train step (``compiled.as_text()`` is its optimized HLO).
     """
     vocab_size = int(vocab_size or config.data.vocab_size)
-    setup = train.build(config, vocab_size)
+    setup = run_lib.build(config, vocab_size)
     mesh = setup.mesh
     step_fn, batch_sh = train.make_train_step(setup, config)
     batch = abstract_batch(config, batch_sh, frames)
@@ -169,7 +158,7 @@ def compile_train_step(config, *, vocab_size: int | None = None, frames: int | N
             f"data.batch_size={b} does not divide over the {shards} batch shards of mesh "
             f"{dict(mesh.shape)}"
         )
-    state = train.abstract_with_shardings(setup)
+    state = run_lib.abstract_with_shardings(setup)
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state))
 

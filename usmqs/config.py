@@ -11,25 +11,48 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import pathlib
+from collections.abc import Sequence
 
 import ml_collections
 
+from usmqs import distributed, sharding
+from usmqs.compress.policy import NAMED_PRUNING_DEFAULTS, policy_from_config
+from usmqs.data import pipeline
+from usmqs.models import presets
+from usmqs.models.conformer import SUBSAMPLING_FACTOR
 
-# The N:M options of a named policy (config.policy keys, `train.make_policy`) and their
-# defaults: masks one-shot at step 0, gradient only to kept weights.
-NAMED_PRUNING_DEFAULTS = {"mask_every": 0, "prune_grad": "masked", "srste_lambda": 2e-4}
+SAVED_CONFIG_FILE = "config.json"  # the resolved config of a run, in its workdir
 
 
-def parse_arg(arg: str | None) -> dict[str, str | bool]:
-    """``"policy=int4+2:4,runlocal"`` -> ``{"policy": "int4+2:4", "runlocal": True}``."""
-    out: dict[str, str | bool] = {}
+class ConfigError(ValueError):
+    """A bad config value, colon argument or override; the message names the key."""
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+    """The colon argument ``"policy=int4+2:4,runlocal"`` against its declaration.
+
+    `spec` declares every argument with its default, whose type the value is parsed as:
+    ``parse_arg(arg, policy="float", runlocal=False)``. A bare name sets a bool argument
+    to True. An undeclared name or a value of the wrong type is a `ConfigError`.
+    """
+    out = ml_collections.ConfigDict(dict(spec))
     for part in (arg or "").split(","):
         part = part.strip()
         if not part:
             continue
-        key, sep, value = part.partition("=")
-        out[key.strip()] = value.strip() if sep else True
+        key, sep, raw = (x.strip() for x in part.partition("="))
+        if key not in spec:
+            raise ConfigError(f"unknown colon argument {key!r}; declared: {sorted(spec) or 'none'}")
+        default = spec[key]
+        if isinstance(default, bool):
+            out[key] = _parse_value(raw, default, key, where="colon argument") if sep else True
+        elif not sep:
+            raise ConfigError(f"colon argument {key!r} needs a value: {key}=...")
+        else:
+            out[key] = _parse_value(raw, default, key, where="colon argument")
+    out.lock()
     return out
 
 
@@ -44,18 +67,59 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path}: has no get_config(arg) function")
-    config = module.get_config(arg or None)
+    try:
+        config = module.get_config(arg or None)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
     config.lock()
     return config
 
 
-def _parse_value(raw: str, current, key: str):
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config of ``path/to/file.py[:arg]`` with ``--config.`` `overrides`, validated."""
+    config = load_config(spec)
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def save(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
+    """Write the resolved `config` to ``workdir/config.json`` (what `load_saved` reads)."""
+    path = pathlib.Path(workdir) / SAVED_CONFIG_FILE
+    path.write_text(config.to_json_best_effort(indent=2) + "\n")
+    return path
+
+
+def load_saved(workdir: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was trained with (its ``config.json``), with
+    `overrides`, validated. JSON lists come back as the tuples configs use."""
+    path = pathlib.Path(workdir) / SAVED_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir}: no {SAVED_CONFIG_FILE} (not a training workdir?); pass --config")
+    config = ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    config.lock()
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def _tuples(x):
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
+def _parse_value(raw: str, current, key: str, where: str = "--config."):
+    """`raw` parsed as the type of `current` (the existing value); errors name the key."""
+    key = f"{where}{key}" if where.endswith(".") else f"{where} {key!r}"
     if isinstance(current, bool):
         if raw.lower() in ("true", "1", "yes"):
             return True
         if raw.lower() in ("false", "0", "no"):
             return False
-        raise ValueError(f"--config.{key}: expected a boolean, got {raw!r}")
+        raise ConfigError(f"{key}: expected a boolean, got {raw!r}")
     if isinstance(current, str):
         return raw
     try:
@@ -63,15 +127,13 @@ def _parse_value(raw: str, current, key: str):
     except (ValueError, SyntaxError):
         if current is None:
             return raw
-        raise ValueError(f"--config.{key}: cannot parse {raw!r} as {type(current).__name__}")
+        raise ConfigError(f"{key}: cannot parse {raw!r} as {type(current).__name__}")
     if isinstance(current, float) and isinstance(value, int):
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
     if current is not None and not isinstance(value, type(current)):
-        raise ValueError(
-            f"--config.{key}: expected {type(current).__name__}, got {raw!r}"
-        )
+        raise ConfigError(f"{key}: expected {type(current).__name__}, got {raw!r}")
     return value
 
 
@@ -106,23 +168,12 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def base_config(preset: str) -> ml_collections.ConfigDict:
     """The full set of keys every experiment has; config files adjust values."""
-    from usmqs import distributed, sharding
-    from usmqs.data import pipeline
-    from usmqs.models import presets
-
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.label = ""  # shown in progress lines (the study names its settings here)
     c.init_from = ""  # another run's workdir: start from its float weights
     c.model = presets.get_preset(preset)
     c.data = pipeline.default_data_config()
-    with c.data.unlocked():
-        c.data.synth_dir = "~/.cache/usmqs/corpus"  # embedded corpus, used when no manifest
-        c.data.synth_num_train = 0  # 0 = the synthesizer's default size
-        c.data.synth_num_test = 0
-        c.data.synth_num_dev = 0
-        c.data.synth_seed = 0
-        c.data.cache_dir = ""  # prepared features; '' = WORKDIR/data_cache
     c.train = ml_collections.ConfigDict(
         dict(
             num_steps=1000,
@@ -154,3 +205,49 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     c.distributed = distributed.distributed_config()  # multi-process start-up
     return c
 
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _positive_int(value, key: str, minimum: int = 1) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    _check(ok, key, f"must be an int >= {minimum}, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check every block and the invariants between blocks, once, where the config is
+    loaded (`load`, `load_saved`) or handed to the training loop; a `ConfigError` names
+    the key. The code that runs afterwards reads keys without re-checking them."""
+    d, m, t = config.data, config.model, config.train
+    try:
+        pipeline.validate_data_config(d)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    _check(bool(d.train_manifest) == bool(d.eval_manifest), "data.train_manifest",
+           "set both data.train_manifest and data.eval_manifest, or neither")
+    _check(d.num_mel_bins == m.num_mel_bins, "data.num_mel_bins",
+           f"{d.num_mel_bins} but the model reads model.num_mel_bins={m.num_mel_bins} features")
+    _check(d.subsampling_factor == SUBSAMPLING_FACTOR, "data.subsampling_factor",
+           f"{d.subsampling_factor} but the encoder subsamples time {SUBSAMPLING_FACTOR}x")
+    for key in ("num_steps", "warmup_steps"):
+        _positive_int(t[key], f"train.{key}", minimum=0)
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        _positive_int(t[key], f"train.{key}")
+    _check(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate!r}")
+    _check(0.0 <= t.distill_weight <= 1.0, "train.distill_weight", f"must be in [0, 1], got {t.distill_weight!r}")
+    _check(not t.distill_weight or bool(config.init_from), "train.distill_weight",
+           "> 0 needs init_from: the float run to distil from")
+    _check(t.distill_temperature > 0, "train.distill_temperature", f"must be > 0, got {t.distill_temperature!r}")
+    _check(config.eval.decoder in ("greedy", "beam"), "eval.decoder",
+           f"must be 'greedy' or 'beam', got {config.eval.decoder!r}")
+    _positive_int(config.eval.beam_size, "eval.beam_size")
+    try:
+        policy_from_config(config.policy)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from e

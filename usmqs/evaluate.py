@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import json
 import math
+import pathlib
 
+import jax
 import jiwer
 import numpy as np
+from flax import nnx
+
+from usmqs import distributed, run
+from usmqs.data import pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +146,7 @@ def split_manifest(config, split: str, manifest: str | None = None) -> tuple[str
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     if manifest is None:
-        from usmqs import train as train_lib
-
-        manifest = train_lib.resolve_manifests(config)[split]
+        manifest = run.resolve_manifests(config)[split]
         if manifest is None:
             raise ValueError(f"no {split} split: set data.{split}_manifest")
     return manifest, SPLITS[split]
@@ -152,7 +158,7 @@ def decodes_dev(config) -> bool:
     config only: the corpus is resolved (synthesized) when the split is decoded."""
     d = config.data
     embedded = not (d.train_manifest and d.eval_manifest)
-    return bool(config.eval.get("dev", False)) and bool(d.get("dev_manifest", "") or embedded)
+    return config.eval.dev and bool(d.dev_manifest or embedded)
 
 
 def summary_line(metrics: dict, what: str = "") -> str:
@@ -166,9 +172,6 @@ def summary_line(metrics: dict, what: str = "") -> str:
 
 def write_results(workdir, metrics: dict, rows: list[dict], *, suffix: str = "") -> None:
     """`eval{suffix}.json` and `predictions{suffix}.jsonl` (rows: audio_filepath, text, pred_text)."""
-    import json
-    import pathlib
-
     workdir = pathlib.Path(workdir)
     (workdir / f"eval{suffix}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with open(workdir / f"predictions{suffix}.jsonl", "w") as f:
@@ -178,10 +181,6 @@ def write_results(workdir, metrics: dict, rows: list[dict], *, suffix: str = "")
 
 def run_decoding(log_prob_fn, split, data_cfg, tokenizer, eval_cfg) -> tuple[dict, list[dict]]:
     """Decode every example of a prepared split with `log_prob_fn(features, mask)`."""
-    import numpy as np
-
-    from usmqs.data import pipeline
-
     preds: dict[int, str] = {}
     for batch in pipeline.eval_batches(split, data_cfg):
         log_probs, out_mask = log_prob_fn(batch["features"], batch["feature_mask"])
@@ -201,37 +200,39 @@ def run_decoding(log_prob_fn, split, data_cfg, tokenizer, eval_cfg) -> tuple[dic
     return metrics, rows
 
 
+def make_eval_step(setup: run.Setup, config) -> run.InMesh:
+    """`eval_step(params, rest, features, feature_mask)` -> (log-probs [B, T', V], out_mask
+    [B, T']), jitted, replicated outputs (every process decodes on the host)."""
+    graphdef = setup.graphdef
+    replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def eval_step(params, rest, features, feature_mask):
+        model = nnx.merge(graphdef, params, rest)
+        logits, out_mask = model(features, feature_mask, rng=None)
+        return jax.nn.log_softmax(logits.astype(np.float32), axis=-1), out_mask
+
+    return run.InMesh(eval_step, setup.mesh, config.mesh.rules)
+
+
 def evaluate_workdir(
     config, workdir, *, state=None, setup=None, manifest: str | None = None, split: str = "eval"
 ) -> dict:
     """Decode a split (the eval manifest, or "dev") with the run's latest checkpoint;
     write eval.json and predictions.jsonl (eval_dev.json, ... for the dev split)."""
-    import pathlib
-
-    import jax
-
-    from usmqs import distributed
-    from usmqs import train as train_lib
-    from usmqs.data import pipeline
-    from usmqs.data.tokenizer import Tokenizer
-
     distributed.maybe_initialize(config)  # a no-op when already joined (or one process)
     workdir = pathlib.Path(workdir)
-    tokenizer = Tokenizer.load(workdir / train_lib.TOKENIZER_FILE)
+    tokenizer = run.load_tokenizer(workdir)
     with distributed.primary_first("prepare_eval_data"):  # the others reuse its cache
         manifest, suffix = split_manifest(config, split, manifest)
         prepared = pipeline.prepare_split(
-            manifest, tokenizer, config.data, train_lib.cache_dir(config, workdir), train=False
+            manifest, tokenizer, config.data, run.cache_dir(config, workdir), train=False
         )
     if setup is None:
-        setup = train_lib.build(config, tokenizer.vocab_size)
+        setup = run.build(config, tokenizer.vocab_size)
     if state is None:
-        mngr = train_lib.checkpoint_manager(workdir, config)
-        step = mngr.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{workdir}: no checkpoint to evaluate")
-        state, _ = train_lib.restore_state(mngr, step, setup)
-    eval_step = train_lib.make_eval_step(setup, config)
+        state = run.restore_latest(workdir, config, setup)
+    eval_step = make_eval_step(setup, config)
     fn = lambda f, m: eval_step(state.params, state.rest, f, m)
     metrics, rows = run_decoding(fn, prepared, config.data, tokenizer, config.eval)
     metrics["step"] = int(jax.device_get(state.step))

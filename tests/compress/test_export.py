@@ -22,7 +22,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from usmqs import config as config_lib
-from usmqs import train
+from usmqs import run, train
 from usmqs.compress import export, masks, ops
 from usmqs.compress.export import ExportError
 from usmqs.compress.policy import Policy
@@ -306,12 +306,12 @@ def _write_run(workdir: pathlib.Path, cfg):
     from usmqs.data.tokenizer import Tokenizer
 
     tok = Tokenizer.train(["the cat sat on a mat", "red and blue"], workdir / "tokenizer", 0, "char")
-    setup = train.build(cfg, tok.vocab_size)
+    setup = run.build(cfg, tok.vocab_size)
     state = setup.init_fn(jax.random.PRNGKey(0))
 
-    state = train.init_masks(setup, state)  # one-shot masks from the initial weights
-    mngr = train.checkpoint_manager(workdir, cfg)
-    train.save_state(mngr, state.replace(step=jnp.asarray(3, jnp.int32)), {})
+    state = run.init_masks(setup, state)  # one-shot masks from the initial weights
+    mngr = run.checkpoint_manager(workdir, cfg)
+    run.save_state(mngr, state.replace(step=jnp.asarray(3, jnp.int32)), {})
     mngr.close()
     return setup
 
@@ -345,8 +345,8 @@ def test_export_workdir_accounting_and_disk(tmp_path):
     du = int(subprocess.run(["du", "-b", "-s", str(d)], capture_output=True, text=True, check=True).stdout.split()[0])
     assert abs(du / report["total_bytes"] - 1) < 0.05, (du, report["total_bytes"])
     # The served kernels are the checkpoint's fake-quant kernels.
-    mngr = train.checkpoint_manager(tmp_path, cfg)
-    state, _ = train.restore_state(mngr, 3, setup)
+    mngr = run.checkpoint_manager(tmp_path, cfg)
+    state, _ = run.restore_state(mngr, 3, setup)
     served = export.load_export(d, config=cfg)
     _assert_bitwise(_reference(nnx.merge(setup.graphdef, state.params, state.rest)), _served_kernels(served))
 

@@ -66,7 +66,7 @@ def _check_nm(model, n):
 
 
 def test_padded_groups_for_the_front_conv_and_the_depthwise_conv():
-    model = Tiny(Policy(rules=(Rule(nm=(2, 4)),)), nnx.Rngs(0))
+    model = Tiny(Policy(rules=(Rule(".*", WeightSpec(nm=(2, 4))),)), nnx.Rngs(0))
     masks.update_masks(model, 0)
     conv1, dw = np.asarray(model.conv1.mask[...]), np.asarray(model.blocks.dw.mask[...])
     assert conv1.shape == (3, 3, 1, 8) and dw.shape == (NUM_LAYERS, 15, 1, 8)
@@ -109,7 +109,7 @@ def _changed(a, b):
 
 @pytest.mark.parametrize("mode", [PruneGrad.STE, PruneGrad.SRSTE])
 def test_masks_fixed_between_scheduled_updates_and_recomputed_at_them(mode):
-    policy = Policy(rules=(Rule(nm=(2, 4), weight_bits=4, prune_grad=mode, mask_schedule=Every(every=3, start=1)),))
+    policy = Policy(rules=(Rule(".*", WeightSpec(nm=(2, 4), weight_bits=4, prune_grad=mode, mask_schedule=Every(every=3, start=1))),))
     history = _drive(policy, range(8))
     all_masks = set(history[0][0])
     assert len(all_masks) == 4
@@ -124,7 +124,7 @@ def test_masks_fixed_between_scheduled_updates_and_recomputed_at_them(mode):
 
 
 def test_one_shot_masked_mask_never_changes_after_its_step():
-    history = _drive(Policy(rules=(Rule(nm=(1, 4), mask_schedule=OneShot(at_step=2)),)), range(6))
+    history = _drive(Policy(rules=(Rule(".*", WeightSpec(nm=(1, 4), mask_schedule=OneShot(at_step=2))),)), range(6))
     assert all(m.all() for h in history[:2] for m in h[0].values())
     _check_nm(history[2][1], 1)
     for step in range(3, 6):
@@ -133,7 +133,7 @@ def test_one_shot_masked_mask_never_changes_after_its_step():
 
 def test_gradual_schedule_ends_at_exactly_n_per_m():
     sched = Gradual(begin=1, end=7, every=2)
-    policy = Policy(rules=(Rule(module_path="blocks/attn/q", nm=(1, 4), mask_schedule=sched),))
+    policy = Policy(rules=(Rule("blocks/attn/q", WeightSpec(nm=(1, 4), mask_schedule=sched)),))
     history = _drive(policy, range(10))
     spec = policy.resolve("blocks/attn/q")
     key = "blocks/q/mask"
@@ -171,7 +171,7 @@ def test_update_masks_under_nnx_jit_mutates_the_model_and_returns_the_masks():
 
 
 def test_force_prunes_now_at_the_final_pattern():
-    policy = Policy(rules=(Rule(nm=(1, 4), mask_schedule=Gradual(begin=100, end=200)),))
+    policy = Policy(rules=(Rule(".*", WeightSpec(nm=(1, 4), mask_schedule=Gradual(begin=100, end=200))),))
     model = Tiny(policy, nnx.Rngs(2))
     masks.update_masks(model, 0)
     assert all(m.all() for m in _masks(model).values())

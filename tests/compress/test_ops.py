@@ -366,8 +366,8 @@ def _apply(layers, x_dense, x_conv):
 
 @pytest.mark.parametrize("policy", [
     Policy.named("float"),
-    Policy(rules=(Rule(module_path=".*"),)),  # a rule that keeps everything float
-    Policy(rules=(Rule(module_path="decoder/.*", weight_bits=4),)),  # matches nothing here
+    Policy(rules=(Rule(".*"),)),  # a rule that keeps everything float
+    Policy(rules=(Rule("decoder/.*", WeightSpec(weight_bits=4)),)),  # matches nothing here
 ])
 def test_policy_that_compresses_nothing_is_bitwise_the_float_model(policy):
     x_dense = jax.random.normal(jax.random.key(1), (2, 5, 16))
@@ -383,7 +383,7 @@ def test_16_bit_policy_matches_the_float_layer():
     x_conv = jax.random.normal(jax.random.key(2), (2, 10, 8))
     ref = _apply(_layers(None), x_dense, x_conv)
     for symmetric in (True, False):
-        policy = Policy(rules=(Rule(weight_bits=16, symmetric=symmetric),))
+        policy = Policy(rules=(Rule(".*", WeightSpec(weight_bits=16, symmetric=symmetric)),))
         layers = _layers(policy)
         nnx.update(layers, nnx.state(_layers(None), nnx.Param))  # same variables
         got = _apply(layers, x_dense, x_conv)
@@ -391,11 +391,11 @@ def test_16_bit_policy_matches_the_float_layer():
             np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-4)
             assert not np.array_equal(g, r)  # it did quantize
         # Far from the float layer at 4 bits: the tolerance above is meaningful.
-        coarse = _apply(_layers(Policy(rules=(Rule(weight_bits=4, symmetric=symmetric),))), x_dense, x_conv)
+        coarse = _apply(_layers(Policy(rules=(Rule(".*", WeightSpec(weight_bits=4, symmetric=symmetric)),))), x_dense, x_conv)
         assert not np.allclose(coarse[0], ref[0], rtol=1e-3, atol=1e-4)
 
 
 def test_layer_construction_rejects_a_block_size_that_does_not_divide():
-    policy = Policy(rules=(Rule(weight_bits=4, granularity=Granularity.SUB_CHANNEL, block_size=6),))
+    policy = Policy(rules=(Rule(".*", WeightSpec(weight_bits=4, granularity=Granularity.SUB_CHANNEL, block_size=6)),))
     with pytest.raises(ValueError, match="layer 'blocks/attn/q': sub-channel block_size 6"):
         Dense(16, 4, path="blocks/attn/q", policy=policy, kernel_axes=(None, None), rngs=nnx.Rngs(0))

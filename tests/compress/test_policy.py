@@ -28,9 +28,9 @@ PATHS = [
 
 def test_first_matching_rule_wins():
     policy = Policy(rules=(
-        Rule(module_path="blocks/attn/.*", weight_bits=8),
-        Rule(module_path="blocks/.*", weight_bits=4, nm=(2, 4)),
-        Rule(module_path=".*", weight_bits=2),
+        Rule("blocks/attn/.*", WeightSpec(weight_bits=8)),
+        Rule("blocks/.*", WeightSpec(weight_bits=4, nm=(2, 4))),
+        Rule(".*", WeightSpec(weight_bits=2)),
     ))
     assert policy.resolve("blocks/attn/q") == WeightSpec(weight_bits=8)
     assert policy.resolve("blocks/ffn1/w_in") == WeightSpec(weight_bits=4, nm=(2, 4))
@@ -39,13 +39,13 @@ def test_first_matching_rule_wins():
 
 
 def test_module_path_is_fullmatch():
-    policy = Policy(rules=(Rule(module_path="attn", weight_bits=8),))
+    policy = Policy(rules=(Rule("attn", WeightSpec(weight_bits=8)),))
     assert policy.resolve("blocks/attn/q") is None
-    assert Policy(rules=(Rule(module_path=".*attn.*", weight_bits=8),)).resolve("blocks/attn/q") is not None
+    assert Policy(rules=(Rule(".*attn.*", WeightSpec(weight_bits=8)),)).resolve("blocks/attn/q") is not None
 
 
 def test_keep_float_rule_exempts_layers_from_a_later_catch_all():
-    policy = Policy(rules=(Rule(module_path="ctc/.*|subsample/conv1"), Rule(weight_bits=4)))
+    policy = Policy(rules=(Rule("ctc/.*|subsample/conv1"), Rule(".*", WeightSpec(weight_bits=4))))
     assert policy.resolve("ctc/head") is None
     assert policy.resolve("subsample/conv1") is None
     assert policy.resolve("subsample/conv2").weight_bits == 4
@@ -135,13 +135,13 @@ def test_schedule_validation():
 
 
 def test_unmatched_rule_is_an_error_naming_the_rule():
-    policy = Policy(rules=(Rule(module_path="blocks/.*", weight_bits=4), Rule(module_path="decoder/.*", weight_bits=8)))
+    policy = Policy(rules=(Rule("blocks/.*", WeightSpec(weight_bits=4)), Rule("decoder/.*", WeightSpec(weight_bits=8))))
     with pytest.raises(ValueError, match=r"rule #1 \(module_path='decoder/\.\*'\) matches no layer"):
         policy.check_all_rules_matched(PATHS)
 
 
 def test_shadowed_rule_is_an_error_naming_the_shadowing_rule():
-    policy = Policy(rules=(Rule(module_path=".*", weight_bits=4), Rule(module_path="ctc/head", weight_bits=8)))
+    policy = Policy(rules=(Rule(".*", WeightSpec(weight_bits=4)), Rule("ctc/head", WeightSpec(weight_bits=8))))
     with pytest.raises(ValueError, match=r"rule #1 .* taken by an earlier rule, e\.g\. #0"):
         policy.check_all_rules_matched(PATHS)
     Policy(rules=policy.rules[::-1]).check_all_rules_matched(PATHS)
@@ -149,9 +149,9 @@ def test_shadowed_rule_is_an_error_naming_the_shadowing_rule():
 
 def test_report_table():
     policy = Policy(rules=(
-        Rule(module_path="ctc/.*"),
-        Rule(module_path="blocks/.*", weight_bits=4, nm=(2, 4)),
-        Rule(module_path="subsample/.*", weight_bits=8),
+        Rule("ctc/.*"),
+        Rule("blocks/.*", WeightSpec(weight_bits=4, nm=(2, 4))),
+        Rule("subsample/.*", WeightSpec(weight_bits=8)),
     ))
     resolved = {p: (policy.resolve(p), 1000) for p in PATHS}
     resolved["extra/unmatched"] = (None, 10)

@@ -190,9 +190,9 @@ def policy_to_data(policy: Policy | None) -> list[dict]:
     kinds = {OneShot: "one_shot", Every: "every", Gradual: "gradual"}
     rules = []
     for rule in (policy.rules if policy is not None else ()):
-        d = {}
-        for f in dataclasses.fields(Rule):
-            v = getattr(rule, f.name)
+        d = {"module_path": rule.module_path}
+        for f in dataclasses.fields(WeightSpec):
+            v = getattr(rule.spec, f.name)
             if f.name == "mask_schedule":
                 v = {"kind": kinds[type(v)], **dataclasses.asdict(v)}
             d[f.name] = _jsonable(v)
@@ -935,9 +935,9 @@ class _CheckpointReader:
     """
 
     def __init__(self, config, workdir: pathlib.Path, setup):
-        from usmqs import train as train_lib
+        from usmqs import run
 
-        self.mngr = train_lib.checkpoint_manager(workdir, config)
+        self.mngr = run.checkpoint_manager(workdir, config)
         self.step = self.mngr.latest_step()
         if self.step is None:
             raise FileNotFoundError(f"{workdir}: no checkpoint to export")
@@ -977,15 +977,15 @@ def export_workdir(config, workdir, *, index_encoding: IndexEncoding | str = Ind
     call `limit_heap_retention` first. The export's codes are exactly the fake-quant
     evaluation's weights (module docstring).
     """
-    from usmqs import train as train_lib
+    from usmqs import run
     from usmqs.data.tokenizer import Tokenizer
 
     workdir = pathlib.Path(workdir)
-    tok_file = workdir / train_lib.TOKENIZER_FILE
+    tok_file = workdir / run.TOKENIZER_FILE
     if not tok_file.is_file():
-        raise FileNotFoundError(f"{workdir}: no {train_lib.TOKENIZER_FILE}; is this a training workdir?")
+        raise FileNotFoundError(f"{workdir}: no {run.TOKENIZER_FILE}; is this a training workdir?")
     vocab_size = Tokenizer.load(tok_file).vocab_size
-    setup = train_lib.build(config, vocab_size)
+    setup = run.build(config, vocab_size)
     reader = _CheckpointReader(config, workdir, setup)
     try:
         # A model of shapes only: it supplies layer specs; the reader supplies values.
@@ -1014,7 +1014,7 @@ def evaluate_export(config, workdir, manifest: str | None = None, split: str = "
     Model and tokenizer come from the export; `config` supplies data/eval settings and
     must describe the same model."""
     from usmqs import evaluate as evaluate_lib
-    from usmqs import train as train_lib
+    from usmqs import run
     from usmqs.data import pipeline
     from usmqs.data.tokenizer import Tokenizer
 
@@ -1025,7 +1025,7 @@ def evaluate_export(config, workdir, manifest: str | None = None, split: str = "
         raise ExportError(f"export tokenizer has {tokenizer.vocab_size} pieces, metadata says {served.vocab_size}")
     manifest, suffix = evaluate_lib.split_manifest(config, split, manifest)
     prepared = pipeline.prepare_split(
-        manifest, tokenizer, config.data, train_lib.cache_dir(config, workdir), train=False
+        manifest, tokenizer, config.data, run.cache_dir(config, workdir), train=False
     )
     metrics, rows = evaluate_lib.run_decoding(served.log_probs, prepared, config.data, tokenizer, config.eval)
     metrics["step"] = served.metadata.get("step")

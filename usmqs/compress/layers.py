@@ -2,7 +2,7 @@
 
 `Dense` and `Conv` are the only layers in `usmqs.models` that own a weight matrix. Each
 resolves its compression spec from the policy once, at construction, by its module path
-(e.g. ``encoder/blocks/ffn1/w_in``), and on every call computes
+(e.g. ``blocks/ffn1/w_in``), and on every call computes
 
     W_eff = fake_quant(mask ⊙ W)          (prune first, then quantize what remains)
 

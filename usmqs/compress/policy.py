@@ -1,14 +1,15 @@
 """Compression policy: an ordered tuple of frozen rules keyed by module-path regex.
 
-A `Rule` has one match key (`module_path`) and behaviour fields (bits, granularity,
-N:M pattern, mask schedule, pruning gradient). `Policy.resolve(path)` returns the
-`WeightSpec` of the FIRST rule whose `module_path` regex `re.fullmatch`es the layer path,
-or None (the layer stays float, bit for bit). A rule with `weight_bits=None` and
-`nm=None` is a "keep float" rule: put it first to exempt layers from a later catch-all.
+A `Rule` is a match key (`module_path`) and a `WeightSpec` (bits, granularity, N:M
+pattern, mask schedule, pruning gradient). `Policy.resolve(path)` returns the spec of the
+FIRST rule whose `module_path` regex `re.fullmatch`es the layer path, or None (the layer
+stays float, bit for bit). A rule whose spec has neither bits nor N:M is a "keep float"
+rule: put it first to exempt layers from a later catch-all.
 
 Paths are the `path=` strings the model hands to `compress.layers.Dense/Conv`, e.g.
-``encoder/blocks/ffn1/w_in``. `re.fullmatch` (as qwix does) means a rule names whole
-paths: ``.*ffn.*`` for a substring, ``encoder/blocks/.*`` for a subtree.
+``blocks/ffn1/w_in`` or ``subsample/conv1`` (`compress.layers.compressible_layers` lists
+a model's). `re.fullmatch` (as qwix does) means a rule names whole paths: ``.*ffn.*``
+for a substring, ``blocks/.*`` for a subtree.
 
 Named policies (`Policy.named`, the DESIGN.md shorthands) quantize the WHOLE model as
 USM-Lite does: every Dense/Conv -- attention and feed-forward projections, the
@@ -17,15 +18,12 @@ Per-output-channel symmetric weights, no clip search. N:M applies to every one o
 except `NM_EXEMPT`: the depthwise convs (not matrix products, which is what N:M sparse
 kernels and hardware accelerate, and only `conv_kernel_size` taps per channel) and the
 first subsampling conv (3x3 taps of one input channel); those get the setting's bits,
-dense. Measured on the `tiny` demo model (README "Measured"): pruning the depthwise
-kernels, 0.4 % of the weights, cost 10 of PTQ 2:4's 35 points of WER; QAT int4+2:4
-(375 steps) went from +16.5 % to +8.0 % relative WER when both were left dense, for
-+0.01 % of the fp32 size. N:M groups run along the layer's contraction axes (flattened,
-input channel innermost; rows whose length is not a multiple of M end in a padded
-partial group, see `ops.nm_mask`), by default mask computed one-shot at step 0 from the
-weights then, gradient only to kept weights (`PruneGrad.MASKED`); `Policy.named` takes
-another schedule and pruning gradient for the N:M rule (config: `policy.mask_every`,
-`policy.prune_grad`, `policy.srste_lambda`).
+dense (README gives what pruning them cost). N:M groups run along
+the layer's contraction axes (flattened, input channel innermost; rows whose length is
+not a multiple of M end in a padded partial group, see `ops.nm_mask`), by default mask
+computed one-shot at step 0 from the weights then, gradient only to kept weights
+(`PruneGrad.MASKED`); `Policy.named` takes another schedule and pruning gradient for
+the N:M rule (config: `policy.mask_every`, `policy.prune_grad`, `policy.srste_lambda`).
 """
 
 from __future__ import annotations
@@ -188,11 +186,7 @@ class WeightSpec:
         return n * (value_bits + math.ceil(math.log2(m))) / m
 
 
-# Behaviour field names shared by Rule and WeightSpec (everything but the match key).
-_BEHAVIOUR_FIELDS = tuple(f.name for f in dataclasses.fields(WeightSpec))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True)
 class Rule:
     """One policy rule: a match key and the compression it applies.
 
@@ -200,33 +194,10 @@ class Rule:
     path decides that layer (see `Policy.resolve`).
     """
 
-    ### Match key.
-    # Regex matched with re.fullmatch against the layer path ('encoder/blocks/ffn1/w_in').
+    # Match key: a regex matched with re.fullmatch against the layer path ('blocks/ffn1/w_in').
     module_path: str = ".*"
-
-    ### Behaviour (copied into the layer's WeightSpec; see WeightSpec for meanings).
-    # Integer bits of weight values: None (float), 2, 4, 8, or 16 (near-lossless).
-    weight_bits: int | None = None
-    # Per output channel, or sub-channel blocks of `block_size` along the contraction.
-    granularity: Granularity = Granularity.PER_CHANNEL
-    # Block length for SUB_CHANNEL (required there, forbidden otherwise).
-    block_size: int | None = None
-    # Symmetric (absmax scale) or asymmetric (min/max scale + zero point).
-    symmetric: bool = True
-    # Search the per-group clip ratio minimising the quantization MSE.
-    clip_search: bool = False
-    # N:M pattern (N <= M), or None for no pruning.
-    nm: tuple[int, int] | None = None
-    # Group axis (or axes) of the N:M pattern; None = the contraction axes.
-    nm_axis: int | tuple[int, ...] | None = None
-    # When masks are (re)computed: OneShot(at_step) | Every(every, start) | Gradual(...).
-    mask_schedule: MaskSchedule = OneShot()
-    # Gradient to pruned weights: MASKED (0), STE (dense), SRSTE (dense + λ(1−m)⊙W).
-    prune_grad: PruneGrad = PruneGrad.MASKED
-    # SR-STE decay λ (PruneGrad.SRSTE only).
-    srste_lambda: float = 2e-4
-    # Bits and N as runtime values of the compiled step (one program for every setting).
-    runtime: bool = False
+    # Behaviour: what the matched layers' weights become. The default keeps them float.
+    spec: WeightSpec = WeightSpec()
 
     def __post_init__(self):
         if not isinstance(self.module_path, str):
@@ -235,22 +206,17 @@ class Rule:
             re.compile(self.module_path)
         except re.error as e:
             raise ValueError(f"Rule.module_path {self.module_path!r} is not a valid regex: {e}") from e
-        _validate_behaviour(self, "Rule")
+        if not isinstance(self.spec, WeightSpec):
+            raise TypeError(f"Rule.spec must be a WeightSpec, got {self.spec!r}")
 
     @property
     def keeps_float(self) -> bool:
         """True for a rule that leaves its layers float (no bits, no N:M, not runtime)."""
-        return self.weight_bits is None and self.nm is None and not self.runtime
-
-    def spec(self) -> WeightSpec | None:
-        """The WeightSpec this rule gives its layers (None when it keeps them float)."""
-        if self.keeps_float:
-            return None
-        return WeightSpec(**{k: getattr(self, k) for k in _BEHAVIOUR_FIELDS})
+        return self.spec.weight_bits is None and self.spec.nm is None and not self.spec.runtime
 
 
 def _validate_behaviour(obj: Any, owner: str) -> None:
-    """Shared checks of Rule/WeightSpec behaviour fields; normalises lists to tuples."""
+    """Checks of the WeightSpec fields; normalises lists to tuples."""
     if obj.weight_bits is not None and obj.weight_bits not in SUPPORTED_BITS:
         raise ValueError(f"{owner}.weight_bits must be None or one of {SUPPORTED_BITS}, got {obj.weight_bits!r}")
     if not isinstance(obj.granularity, Granularity):
@@ -339,9 +305,9 @@ class Policy:
         name: str,
         *,
         runtime: bool = False,
-        mask_schedule: MaskSchedule = OneShot(),
-        prune_grad: PruneGrad = PruneGrad.MASKED,
-        srste_lambda: float = 2e-4,
+        mask_schedule: MaskSchedule = WeightSpec.mask_schedule,
+        prune_grad: PruneGrad = WeightSpec.prune_grad,
+        srste_lambda: float = WeightSpec.srste_lambda,
     ) -> Policy:
         """The DESIGN.md shorthand `name` (see module docstring for what it compresses).
 
@@ -359,9 +325,9 @@ class Policy:
         pruning = {}
         if nm is not None or runtime:
             pruning = dict(mask_schedule=mask_schedule, prune_grad=prune_grad, srste_lambda=srste_lambda)
-        rules = [Rule(module_path=".*", weight_bits=bits, nm=nm, runtime=runtime, **pruning)]
+        rules = [Rule(".*", WeightSpec(weight_bits=bits, nm=nm, runtime=runtime, **pruning))]
         if nm is not None or runtime:  # runtime: the same two rules for every name
-            rules.insert(0, Rule(module_path=NM_EXEMPT, weight_bits=bits, runtime=runtime))
+            rules.insert(0, Rule(NM_EXEMPT, WeightSpec(weight_bits=bits, runtime=runtime)))
         return cls(rules=tuple(rules))
 
     @classmethod
@@ -388,7 +354,7 @@ class Policy:
     def resolve(self, path: str) -> WeightSpec | None:
         """The WeightSpec of `path` (first matching rule), or None: keep the layer float."""
         i = self.match_index(path)
-        return None if i is None else self.rules[i].spec()
+        return None if i is None or self.rules[i].keeps_float else self.rules[i].spec
 
     def check_all_rules_matched(self, paths: Iterable[str]) -> None:
         """Raise ValueError if some rule decides no layer among `paths`.
@@ -426,7 +392,7 @@ class Policy:
         """A text table: rule -> matched layers, parameters, payload bits per weight.
 
         `resolved` maps layer path -> (spec, number of weight parameters), e.g. from
-        `compress.layers.resolved_layers(model)`. Bits per weight count values plus N:M
+        `compress.layers.compressible_layers(model)`. Bits per weight count values plus N:M
         index bits (`WeightSpec.bits_per_weight`), not scales; float = 32. Layers left
         float are listed by name at the end.
         """
@@ -447,8 +413,8 @@ class Policy:
             n_layers, n_params, bits = counts.get(i, (0, 0, 0.0))
             rows.append((
                 str(i), rule.module_path,
-                "float" if rule.weight_bits is None else f"int{rule.weight_bits}",
-                "-" if rule.nm is None else f"{rule.nm[0]}:{rule.nm[1]}",
+                "float" if rule.spec.weight_bits is None else f"int{rule.spec.weight_bits}",
+                "-" if rule.spec.nm is None else f"{rule.spec.nm[0]}:{rule.spec.nm[1]}",
                 str(n_layers), f"{n_params:,}", f"{bits / n_params:.2f}" if n_params else "-",
             ))
         if None in counts:
@@ -470,7 +436,46 @@ class Policy:
 
 # ---- config parsing -------------------------------------------------------------------
 
-_RULE_FIELDS = tuple(f.name for f in dataclasses.fields(Rule))
+# The N:M options of a named policy (config ``policy.mask_every``, ``policy.prune_grad``,
+# ``policy.srste_lambda``) and their defaults: masks one-shot at step 0, gradient only to
+# kept weights, Zhou et al.'s SR-STE decay.
+NAMED_PRUNING_DEFAULTS = {
+    "mask_every": 0, "prune_grad": WeightSpec.prune_grad.value, "srste_lambda": WeightSpec.srste_lambda,
+}
+
+
+def policy_from_config(block: Any) -> Policy:
+    """The policy of a config's ``policy`` block: its ``rules`` (custom), else the named
+    setting ``name`` with the N:M options ``runtime``, ``mask_every``, ``prune_grad`` and
+    ``srste_lambda``. Errors name the key."""
+    p = _as_mapping(block) or block
+    pruning = {k: p[k] for k in NAMED_PRUNING_DEFAULTS}
+    if p["rules"]:
+        changed = [k for k, v in pruning.items() if v != NAMED_PRUNING_DEFAULTS[k]]
+        if p["runtime"] or changed:
+            raise ValueError(
+                f"policy.{'runtime' if p['runtime'] else changed[0]} applies to named policies "
+                "(custom policy.rules carry their own fields): leave policy.rules empty"
+            )
+        return Policy.from_config([_as_mapping(r) or r for r in p["rules"]])
+    prune_grad = _enum(PruneGrad, pruning["prune_grad"], "policy.prune_grad")
+    every = pruning["mask_every"]
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"policy.mask_every must be an int >= 0 (0: one-shot at step 0), got {every!r}")
+    if p["name"] not in NAMED_POLICIES:
+        raise ValueError(f"policy.name: unknown policy name {p['name']!r}; known: {' '.join(NAMED_POLICIES)}")
+    return Policy.named(
+        p["name"],
+        runtime=p["runtime"],
+        mask_schedule=Every(every=every) if every else OneShot(),
+        prune_grad=prune_grad,
+        srste_lambda=float(pruning["srste_lambda"]),
+    )
+
+
+# The keys of a rule in config data: the match key and the WeightSpec fields, flat.
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(WeightSpec))
+_RULE_FIELDS = ("module_path", *_SPEC_FIELDS)
 _SCHEDULES = {"one_shot": OneShot, "every": Every, "gradual": Gradual}
 
 
@@ -545,6 +550,6 @@ def _rule_from_dict(i: int, d: Mapping[str, Any]) -> Rule:
     if isinstance(kw.get("nm_axis"), Sequence):
         kw["nm_axis"] = tuple(kw["nm_axis"])
     try:
-        return Rule(**kw)
+        return Rule(kw.pop("module_path", ".*"), WeightSpec(**kw))
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}") from e

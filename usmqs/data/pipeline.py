@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -89,7 +90,6 @@ __all__ = [
     "prepare_split",
     "skip_report",
     "subsampled_length",
-    "train_batches_per_epoch",
     "validate_data_config",
 ]
 
@@ -109,10 +109,6 @@ class SkipReason(enum.StrEnum):
     AUDIO_ERROR = "audio_error"
     TOO_LONG = "too_long"
     LABELS_TOO_LONG = "labels_too_long"
-
-
-# Eval keeps these (scored anyway), counting them as warnings.
-_EVAL_KEEPS = (SkipReason.UNKNOWN_CHARS, SkipReason.TOO_LONG, SkipReason.LABELS_TOO_LONG)
 
 
 # ------------------------------------------------------------------------------ config
@@ -150,12 +146,21 @@ def default_data_config() -> ml_collections.ConfigDict:
             num_workers=0,  # processes for feature extraction and batch assembly; 0 = inline
             subsampling_factor=4,  # the encoder's time reduction, 2**k (k stride-2 convs)
             feature_norm="utterance",  # 'utterance': per-utterance, per-bin mean/variance; 'none'
+            # The embedded corpus (`usmqs.data.synth`), used when no manifest is set:
+            # where it is cached, its split sizes (0 = the synthesizer's default) and seed.
+            synth_dir="~/.cache/usmqs/corpus",
+            synth_num_train=0,
+            synth_num_test=0,
+            synth_num_dev=0,
+            synth_seed=0,
+            cache_dir="",  # prepared features; '' = WORKDIR/data_cache
         )
     )
 
 
 def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError on inconsistent data settings (called by the functions below)."""
+    """Raises ValueError on inconsistent data settings (`usmqs.config.validate` calls it
+    where a config is loaded; the functions below trust it)."""
     bounds = tuple(int(b) for b in cfg.bucket_boundaries)
     if not bounds or any(b <= 0 for b in bounds) or list(bounds) != sorted(set(bounds)):
         raise ValueError(f"data.bucket_boundaries must be increasing positive ints, got {bounds}")
@@ -222,7 +227,6 @@ def _bucket_frames(num_frames: int, bounds: Sequence[int]) -> int:
 
 def batch_shapes(cfg: ml_collections.ConfigDict) -> list[tuple[int, int]]:
     """``(T_b, L_b)`` of every training bucket: the train step compiles once per entry."""
-    validate_data_config(cfg)
     return [(int(b), subsampled_length(int(b), cfg.subsampling_factor)) for b in cfg.bucket_boundaries]
 
 
@@ -405,6 +409,15 @@ def _load_cached(meta_path: Path, record_path: Path, key: str) -> dict | None:
     return meta if meta.get("key") == key else None
 
 
+def _cached_split(meta: dict, record_path: Path, meta_path: Path, *, strict: bool) -> PreparedSplit:
+    """A split from its cache; `strict` (on_bad_input='error') raises on its first bad line."""
+    bad = [e for e in meta["skip_log"] if not e["kept"]]
+    if strict and bad:
+        first = min(bad, key=lambda e: e["line"])
+        _raise_bad(meta["manifest"], first["line"], first["reason"], first["detail"])
+    return _split_from_meta(meta, record_path, meta_path, from_cache=True)
+
+
 def _split_from_meta(meta: dict, record_path: Path, meta_path: Path, from_cache: bool) -> PreparedSplit:
     return PreparedSplit(
         path=str(record_path),
@@ -419,6 +432,84 @@ def _split_from_meta(meta: dict, record_path: Path, meta_path: Path, from_cache:
         from_cache=from_cache,
         key=meta["key"],
     )
+
+
+class _SkipLog:
+    """Counts and logs skipped lines (and kept ones with a warning), in file order."""
+
+    def __init__(self, manifest: str):
+        self.manifest = manifest
+        self.skipped: dict[str, int] = {}
+        self.warnings: dict[str, int] = {}
+        self.entries: list[dict] = []
+
+    def note(self, line: int, reason: str, detail: str, *, kept: bool) -> None:
+        reason = str(reason)  # plain str keys (SkipReason is a StrEnum)
+        counts = self.warnings if kept else self.skipped
+        counts[reason] = counts.get(reason, 0) + 1
+        self.entries.append({"line": line, "reason": reason, "detail": detail, "kept": kept})
+        if reason == SkipReason.MALFORMED_LINE:
+            return  # read_manifest has logged it already
+        # Length limits are policy, not broken data: log them quietly.
+        quiet = reason in (SkipReason.TOO_LONG, SkipReason.LABELS_TOO_LONG)
+        log.log(
+            logging.INFO if quiet else logging.WARNING,
+            "%s %s:%d: %s: %s", "keeping" if kept else "skipping", self.manifest, line, reason, detail,
+        )
+
+
+@contextlib.contextmanager
+def _processed(utts: list[Utterance], tokenizer: Tokenizer, fcfg, limits: _Limits, cfg):
+    """An iterator of `_process` results for `utts`, in order: inline, or from
+    ``data.num_workers`` spawned processes."""
+    if cfg.num_workers <= 0 or len(utts) <= 1:
+        yield (_process(u, tokenizer, fcfg, limits) for u in utts)
+        return
+    # spawn, not fork: the parent may hold JAX's threads.
+    pool = concurrent.futures.ProcessPoolExecutor(
+        int(cfg.num_workers),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(tokenizer.model_bytes, fcfg, limits),
+    )
+    try:
+        yield iter(pool.map(_process_in_worker, utts, chunksize=8))
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _write_examples(writer, items, results, report: _SkipLog, *, strict: bool) -> list[dict]:
+    """Write every good item's example; note (or, `strict`, raise on) the bad ones.
+    Returns the examples' metadata, in file order."""
+    manifest = report.manifest
+    examples: list[dict] = []
+    for n, item in enumerate(items):
+        if isinstance(item, SkippedLine):
+            if strict:
+                _raise_bad(manifest, item.line, SkipReason.MALFORMED_LINE, item.reason)
+            report.note(item.line, SkipReason.MALFORMED_LINE, item.reason, kept=False)
+            continue
+        result = next(results)
+        if result[0] == "bad":
+            _, reason, detail = result
+            if strict:
+                _raise_bad(manifest, item.line, reason, detail)
+            report.note(item.line, reason, detail, kept=False)
+            continue
+        _, feats, labels, text, warning = result
+        if warning is not None:
+            report.note(item.line, warning[0], warning[1], kept=True)
+        writer.write(encode_example(len(examples), feats, labels))
+        examples.append({
+            "audio_filepath": item.audio_filepath,
+            "text": text,
+            "line": item.line,
+            "num_frames": int(feats.shape[0]),
+            "num_labels": len(labels),
+        })
+        if (n + 1) % 1000 == 0:
+            log.info("%s: %d/%d lines prepared", manifest, n + 1, len(items))
+    return examples
 
 
 def prepare_split(
@@ -452,7 +543,6 @@ def prepare_split(
         ``"manifest:line: reason: detail"`` (also on a cache hit whose report has skips).
       FileNotFoundError: the manifest does not exist.
     """
-    validate_data_config(cfg)
     manifest = os.path.abspath(os.fspath(manifest_path))
     manifest_bytes = Path(manifest).read_bytes()
     rows, malformed = read_manifest(manifest, on_error="skip")
@@ -467,83 +557,21 @@ def prepare_split(
 
     meta = _load_cached(meta_path, record_path, key)
     if meta is not None:
-        bad = [e for e in meta["skip_log"] if not e["kept"]]
-        if strict and bad:
-            first = min(bad, key=lambda e: e["line"])
-            _raise_bad(manifest, first["line"], first["reason"], first["detail"])
         log.info("%s: using cached %s", manifest, record_path)
-        return _split_from_meta(meta, record_path, meta_path, from_cache=True)
+        return _cached_split(meta, record_path, meta_path, strict=strict)
 
     # Malformed lines and parsed rows, merged back into file order.
     items: list[Utterance | SkippedLine] = sorted([*rows, *malformed], key=lambda x: x.line)
-    skipped: dict[str, int] = {}
-    warnings: dict[str, int] = {}
-    skip_log: list[dict] = []
-    examples: list[dict] = []
-
-    def note(line: int, reason: str, detail: str, counts: dict, kept: bool) -> None:
-        reason = str(reason)  # plain str keys (SkipReason is a StrEnum)
-        counts[reason] = counts.get(reason, 0) + 1
-        skip_log.append({"line": line, "reason": reason, "detail": detail, "kept": kept})
-        if reason == SkipReason.MALFORMED_LINE:
-            return  # read_manifest has logged it already
-        # Length limits are policy, not broken data: log them quietly.
-        quiet = reason in (SkipReason.TOO_LONG, SkipReason.LABELS_TOO_LONG)
-        log.log(
-            logging.INFO if quiet else logging.WARNING,
-            "%s %s:%d: %s: %s", "keeping" if kept else "skipping", manifest, line, reason, detail,
-        )
-
+    report = _SkipLog(manifest)
     tmp_record = record_path.with_name(record_path.name + f".tmp{os.getpid()}")
     writer = ArrayRecordWriter(str(tmp_record), "group_size:1")
-    pool = None
     try:
-        utts = [x for x in items if isinstance(x, Utterance)]
-        if cfg.num_workers > 0 and len(utts) > 1:
-            # spawn, not fork: the parent may hold JAX's threads.
-            pool = concurrent.futures.ProcessPoolExecutor(
-                int(cfg.num_workers),
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(tokenizer.model_bytes, fcfg, limits),
-            )
-            results = pool.map(_process_in_worker, utts, chunksize=8)
-        else:
-            results = (_process(u, tokenizer, fcfg, limits) for u in utts)
-        results = iter(results)
-        for n, item in enumerate(items):
-            if isinstance(item, SkippedLine):
-                if strict:
-                    _raise_bad(manifest, item.line, SkipReason.MALFORMED_LINE, item.reason)
-                note(item.line, SkipReason.MALFORMED_LINE, item.reason, skipped, kept=False)
-                continue
-            result = next(results)
-            if result[0] == "bad":
-                _, reason, detail = result
-                if strict:
-                    _raise_bad(manifest, item.line, reason, detail)
-                note(item.line, reason, detail, skipped, kept=False)
-                continue
-            _, feats, labels, text, warning = result
-            if warning is not None:
-                note(item.line, warning[0], warning[1], warnings, kept=True)
-            writer.write(encode_example(len(examples), feats, labels))
-            examples.append({
-                "audio_filepath": item.audio_filepath,
-                "text": text,
-                "line": item.line,
-                "num_frames": int(feats.shape[0]),
-                "num_labels": len(labels),
-            })
-            if (n + 1) % 1000 == 0:
-                log.info("%s: %d/%d lines prepared", manifest, n + 1, len(items))
+        with _processed([x for x in items if isinstance(x, Utterance)], tokenizer, fcfg, limits, cfg) as results:
+            examples = _write_examples(writer, items, results, report, strict=strict)
     except BaseException:
         writer.close()
         tmp_record.unlink(missing_ok=True)
         raise
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
     writer.close()
     meta = {
         "key": key,
@@ -551,9 +579,9 @@ def prepare_split(
         "train": bool(train),
         "feature_config": fcfg.to_dict(),
         "num_lines": len(items),
-        "skipped": skipped,
-        "warnings": warnings,
-        "skip_log": skip_log,
+        "skipped": report.skipped,
+        "warnings": report.warnings,
+        "skip_log": report.entries,
         "examples": examples,
     }
     os.replace(tmp_record, record_path)
@@ -561,7 +589,7 @@ def prepare_split(
     tmp_meta.write_text(json.dumps(meta))
     os.replace(tmp_meta, meta_path)
     split = _split_from_meta(meta, record_path, meta_path, from_cache=False)
-    if skipped or warnings:
+    if report.skipped or report.warnings:
         log.warning("%s", skip_report(split))
     return split
 
@@ -723,13 +751,6 @@ class _TrainBatch:
         return batch
 
 
-def train_batches_per_epoch(split: PreparedSplit, cfg: ml_collections.ConfigDict) -> int:
-    """Global batches per epoch: ``ceil(num_examples / batch_size)`` (each example at least
-    once per epoch)."""
-    validate_data_config(cfg)
-    return _TrainPlan(split.num_frames, tuple(cfg.bucket_boundaries), int(cfg.batch_size), 0).num_batches
-
-
 def make_train_iterator(
     split: PreparedSplit,
     cfg: ml_collections.ConfigDict,
@@ -762,7 +783,6 @@ def make_train_iterator(
       seed: shuffle/augment seed in ``[0, 2**32)``; None = ``cfg.shuffle_seed``.
       process_index, process_count: this process and the number of data-loading processes.
     """
-    validate_data_config(cfg)
     if split.num_examples == 0:
         raise ValueError(f"{split.manifest}: no usable training examples\n{skip_report(split)}")
     if cfg.batch_size % process_count:
@@ -828,7 +848,6 @@ def eval_batches(
     gets rows ``[process_index::process_count]``; ``example_index`` maps rows to
     ``split.metadata``.
     """
-    validate_data_config(cfg)
     if cfg.batch_size % process_count:
         raise ValueError(
             f"data.batch_size={cfg.batch_size} does not divide by process_count={process_count}"

@@ -173,9 +173,5 @@ class Tokenizer:
                 unknown.append(ch)
         return unknown
 
-    def can_encode(self, text: str) -> bool:
-        """True iff ``encode(text)`` contains no ``<unk>``."""
-        return not self.unknown_chars(text)
-
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"

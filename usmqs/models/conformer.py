@@ -163,6 +163,10 @@ class ConformerConfig:
 # ----------------------------------------------------------------------------------------
 
 
+# Time reduction of the encoder's front end (two stride-2 convolutions).
+SUBSAMPLING_FACTOR = 4
+
+
 def subsampled_length(length):
     """Frames after the 4x subsampler: ((T - 1) // 2 - 1) // 2, floored at 0.
 

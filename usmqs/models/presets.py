@@ -27,13 +27,7 @@ USM was trained with batch-norm in the conv module; here it is LayerNorm everywh
 
 from __future__ import annotations
 
-import math
-
-import jax
 import ml_collections
-from flax import nnx
-
-from usmqs.models.conformer import ConformerCTC
 
 PRESETS = ("tiny", "conformer_s", "conformer_m", "usm_600m", "usm_2b")
 
@@ -74,10 +68,3 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
     if name not in _SHAPES:
         raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
     return ml_collections.ConfigDict({**_COMMON, **_SHAPES[name]})
-
-
-def count_params(cfg, vocab_size: int) -> int:
-    """Number of trainable parameters (nnx.Param), from shapes only: nothing is allocated."""
-    model = nnx.eval_shape(lambda: ConformerCTC(cfg, vocab_size, rngs=nnx.Rngs(0)))
-    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
-    return sum(math.prod(x.shape) for x in leaves)

@@ -1,0 +1,347 @@
+"""What every command needs from a workdir: data, tokenizer, model setup, checkpoints.
+
+`train`, `evaluate`, `export`, `compile`, `study` and the benches build on these pieces:
+
+* data: `resolve_manifests` (configured manifests, else the embedded corpus, synthesized
+  and cached), `load_or_train_tokenizer`, `cache_dir` (prepared features);
+* model: `build(config, vocab_size)` -> `Setup` (policy, optimizer, mesh, abstract state
+  and its shardings, a jitted sharded `init_fn`), shapes first, nothing allocated;
+* checkpoints: `checkpoint_manager`, `restore_state` / `save_state` (the whole
+  `TrainState` plus the data iterator position), `load_params` / `load_float_weights`
+  (`init_from`: another run's weights only), `init_masks`.
+
+A workdir holds ``config.json`` (the resolved config, `usmqs.config.save`),
+``tokenizer.model``, ``checkpoints/``, ``metrics.jsonl`` and the evaluation outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import pathlib
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx, struct
+
+from usmqs import sharding as sharding_lib
+from usmqs.compress import masks as masks_lib
+from usmqs.compress.layers import compressible_layers
+from usmqs.compress.policy import Policy, policy_from_config
+from usmqs.data.manifest import read_manifest
+from usmqs.data.text import normalize_text
+from usmqs.data.tokenizer import Tokenizer
+from usmqs.models.conformer import ConformerCTC
+
+log = logging.getLogger("usmqs.run")
+
+TOKENIZER_FILE = "tokenizer.model"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; donated to the step and checkpointed whole."""
+
+    step: jax.Array
+    params: nnx.State  # trainable weights (float masters)
+    rest: nnx.State  # non-trainable state: sparsity masks (never seen by the optimizer)
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key; per-step keys are fold_in(rng, step)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def resolve_manifests(config: ml_collections.ConfigDict) -> dict[str, str | None]:
+    """The run's manifests, ``{"train", "eval", "dev"}``: the configured ones, else the
+    embedded corpus (synthesized and cached). ``dev`` is None when there is none."""
+    d = config.data
+    if d.train_manifest and d.eval_manifest:
+        return {"train": d.train_manifest, "eval": d.eval_manifest, "dev": d.dev_manifest or None}
+    if d.train_manifest or d.eval_manifest:
+        raise ValueError("set both data.train_manifest and data.eval_manifest, or neither")
+    # The synthesizer is an optional extra (GPL espeak-ng): imported only when used.
+    from usmqs.data import synth
+
+    paths = synth.synthesize_corpus(
+        pathlib.Path(d.synth_dir).expanduser(),
+        num_train=d.synth_num_train,
+        num_test=d.synth_num_test,
+        num_dev=d.synth_num_dev,
+        seed=d.synth_seed,
+    )
+    return {"train": str(paths["train"]), "eval": str(paths["test"]), "dev": d.dev_manifest or str(paths["dev"])}
+
+
+def load_or_train_tokenizer(config, workdir: pathlib.Path, train_manifest: str) -> Tokenizer:
+    """The run's tokenizer: saved in the workdir (or copied from `init_from`), else
+    trained on the normalized texts of `train_manifest` and saved there."""
+    path = workdir / TOKENIZER_FILE
+    if not path.exists() and config.init_from:
+        src = pathlib.Path(config.init_from) / TOKENIZER_FILE
+        if not src.exists():
+            raise FileNotFoundError(f"init_from={config.init_from}: no {TOKENIZER_FILE}")
+        shutil.copyfile(src, path)
+    if path.exists():
+        return Tokenizer.load(path)
+    rows, _ = read_manifest(train_manifest, on_error="skip")
+    texts = [t for t in (normalize_text(r.text) for r in rows) if t]
+    return Tokenizer.train(
+        texts,
+        str(path.with_suffix("")),
+        vocab_size=config.data.vocab_size,
+        model_type=config.data.tokenizer_type,
+    )
+
+
+def load_tokenizer(workdir: pathlib.Path) -> Tokenizer:
+    """The tokenizer of a trained run; a clear error when `workdir` is not one."""
+    path = pathlib.Path(workdir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir}: no {TOKENIZER_FILE}; is this a training workdir?")
+    return Tokenizer.load(path)
+
+
+def cache_dir(config, workdir: pathlib.Path) -> pathlib.Path:
+    """Where prepared features go: ``data.cache_dir``, else ``WORKDIR/data_cache``."""
+    if config.data.cache_dir:
+        return pathlib.Path(config.data.cache_dir).expanduser()
+    return pathlib.Path(workdir) / "data_cache"
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def make_model(config, vocab_size: int, policy: Policy | None, rng) -> ConformerCTC:
+    return ConformerCTC(config.model, vocab_size, policy=policy, rngs=nnx.Rngs(params=rng))
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping, and its warmup-cosine learning-rate schedule."""
+    t = config.train
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        decay_steps=max(t.num_steps, t.warmup_steps + 1),
+        end_value=t.learning_rate * t.end_lr_ratio,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(t.grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-9, weight_decay=t.weight_decay),
+    )
+    return tx, schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The static pieces of a run, built once from the config (`build`)."""
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: jax.sharding.Mesh
+    state_shardings: Any  # TrainState of NamedShardings
+    abstract_state: Any  # TrainState of ShapeDtypeStructs
+    policy: Policy | None
+    vocab_size: int
+    # rng key -> a fresh TrainState, jitted straight into `state_shardings`.
+    init_fn: Callable[[jax.Array], TrainState]
+
+
+def build(config, vocab_size: int, mesh=None) -> Setup:
+    """Shapes first, then shardings: nothing is allocated here."""
+    policy = policy_from_config(config.policy)
+    tx, schedule = make_optimizer(config)
+    mesh = mesh if mesh is not None else sharding_lib.make_mesh(config.mesh)
+
+    def init(rng):
+        model = make_model(config, vocab_size, policy, rng)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            rest=rest,
+            opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(config.seed),
+        )
+
+    abstract_model = nnx.eval_shape(lambda: make_model(config, vocab_size, policy, jax.random.key(0)))
+    graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+    abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    logical = nnx.get_partition_spec(abstract_state)
+    shardings = sharding_lib.tree_shardings(abstract_state, logical, mesh, config.mesh.rules)
+    init_fn = jax.jit(init, out_shardings=shardings)
+    return Setup(graphdef, tx, schedule, mesh, shardings, abstract_state, policy, vocab_size, init_fn)
+
+
+def describe_policy(config, setup: Setup) -> str:
+    """Rule -> matched layers table; a rule that matches no layer is an error."""
+    abstract_model = nnx.merge(setup.graphdef, setup.abstract_state.params, setup.abstract_state.rest)
+    layers = compressible_layers(abstract_model)
+    setup.policy.check_all_rules_matched(layers)
+    return f"policy {config.policy.name}:\n" + setup.policy.report(layers)
+
+
+def teacher_graphdef(config, vocab_size: int):
+    """Graph of the frozen float teacher: the same model without a policy (weights only)."""
+    abstract = nnx.eval_shape(lambda: make_model(config, vocab_size, None, jax.random.key(0)))
+    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("the float teacher model has non-parameter state; distillation expects none")
+    return graphdef
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: jax.sharding.Mesh, rules):
+    """The mesh and logical-axis rules active, so that the model's activation sharding
+    constraints resolve while a function is traced (they are no-ops outside)."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
+        yield
+
+
+class InMesh:
+    """A jitted function called (and so traced) under `mesh_rules`; ``lower`` lowers it
+    ahead of time (ShapeDtypeStructs with shardings) under the same context."""
+
+    def __init__(self, jitted, mesh: jax.sharding.Mesh, rules):
+        self.jitted, self.mesh, self.rules = jitted, mesh, tuple(rules)
+
+    def __call__(self, *args, **kwargs):
+        with mesh_rules(self.mesh, self.rules):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with mesh_rules(self.mesh, self.rules):
+            return self.jitted.lower(*args, **kwargs)
+
+
+def device_batch(batch: dict, shardings: dict) -> dict:
+    """Host batch (this process's rows) -> global sharded arrays."""
+    return {
+        k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k]))
+        for k in shardings
+    }
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        (pathlib.Path(workdir) / CHECKPOINT_DIR).absolute(),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.train.keep_checkpoints,
+            create=True,
+            enable_async_checkpointing=False,
+        ),
+    )
+
+
+def abstract_with_shardings(setup: Setup):
+    """The abstract TrainState with each leaf's sharding (a restore or lowering target)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        setup.abstract_state,
+        setup.state_shardings,
+    )
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, setup: Setup):
+    """(TrainState, data iterator state) of checkpoint `step`, in the run's shardings."""
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_with_shardings(setup)),
+            data=ocp.args.JsonRestore(),
+        ),
+    )
+    return restored.state, restored.data
+
+
+def restore_latest(workdir: pathlib.Path, config, setup: Setup) -> TrainState:
+    """The TrainState of the run's latest checkpoint; an error naming the workdir if none."""
+    mngr = checkpoint_manager(workdir, config)
+    step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir}: no checkpoint under {pathlib.Path(workdir) / CHECKPOINT_DIR}")
+    state, _ = restore_state(mngr, step, setup)
+    mngr.close()
+    return state
+
+
+def save_state(mngr, state: TrainState, data_state: dict) -> None:
+    step = int(jax.device_get(state.step))
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+        ),
+        force=True,
+    )
+    mngr.wait_until_finished()
+
+
+def load_float_weights(setup: Setup, state: TrainState, src: str) -> TrainState:
+    """`init_from`: another run's weights (its latest checkpoint), straight into this run's
+    shardings; its optimizer state and masks are not read. Masks are then computed from
+    the loaded weights (the final N:M pattern, as at step 0), so a run with 0 steps is
+    post-training compression of the source model.
+    """
+    return init_masks(setup, state.replace(params=load_params(setup, src)))
+
+
+def load_params(setup: Setup, src: str):
+    """The weights of `src`'s latest checkpoint, shaped and sharded like this run's params
+    (also the distillation teacher's weights)."""
+    src_dir = pathlib.Path(src)
+    mngr = ocp.CheckpointManager((src_dir / CHECKPOINT_DIR).absolute())
+    step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"init_from={src}: no checkpoint under {src_dir / CHECKPOINT_DIR}")
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        setup.abstract_state.params,
+        setup.state_shardings.params,
+    )
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), setup.state_shardings.params)
+    try:
+        restored = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": target},
+                    restore_args={"params": restore_args},
+                    partial_restore=True,
+                )
+            ),
+        )
+    except (ValueError, KeyError) as e:
+        raise ValueError(
+            f"init_from={src}: its checkpoint does not fit this model (preset or vocab differ?): {e}"
+        ) from e
+    mngr.close()
+    log.info("init_from %s: loaded weights of step %d", src, step)
+    return restored.state["params"]
+
+
+def init_masks(setup: Setup, state: TrainState) -> TrainState:
+    """Compute every N:M mask from the current weights now (final pattern)."""
+
+    @functools.partial(jax.jit, out_shardings=setup.state_shardings.rest)
+    def compute(params, rest):
+        model = nnx.merge(setup.graphdef, params, rest)
+        masks_lib.update_masks(model, jnp.zeros((), jnp.int32), force=True)
+        return nnx.split(model, nnx.Param, ...)[2]
+
+    return state.replace(rest=compute(state.params, state.rest))
