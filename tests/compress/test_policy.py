@@ -116,7 +116,7 @@ def test_from_config_takes_ml_collections_config_dicts():
     ([{"nm": "2:4", "mask_schedule": {"kind": "cubic"}}], "unknown mask_schedule kind 'cubic'"),
     ([{"weight_bits": 4, "granularity": "per_tensor"}], "'per_tensor' is not one of"),
     ([{"nm": "2-4"}], "nm must look like '2:4'"),
-    ([{"weight_bits": 3}], r"policy rule #0: Rule.weight_bits must be None or one of \(2, 4, 8, 16\)"),
+    ([{"weight_bits": 3}], r"policy rule #0: weight_bits must be None or one of \(2, 4, 8, 16\)"),
     ([{"nm": "3:2"}], "N <= M"),
     ([{"weight_bits": 4, "granularity": "sub_channel"}], "block_size must be an int >= 1"),
     ([{"weight_bits": 4, "block_size": 32}], "only meaningful with Granularity.SUB_CHANNEL"),

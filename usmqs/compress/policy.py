@@ -197,7 +197,7 @@ class Rule:
     # Match key: a regex matched with re.fullmatch against the layer path ('blocks/ffn1/w_in').
     module_path: str = ".*"
     # Behaviour: what the matched layers' weights become. The default keeps them float.
-    spec: WeightSpec = WeightSpec()
+    spec: WeightSpec = dataclasses.field(default_factory=WeightSpec)
 
     def __post_init__(self):
         if not isinstance(self.module_path, str):
@@ -552,4 +552,5 @@ def _rule_from_dict(i: int, d: Mapping[str, Any]) -> Rule:
     try:
         return Rule(kw.pop("module_path", ".*"), WeightSpec(**kw))
     except (TypeError, ValueError) as e:
-        raise type(e)(f"{where}: {e}") from e
+        # Name the key as the config writes it (the rule's flat fields).
+        raise type(e)(f"{where}: {str(e).replace('WeightSpec.', '').replace('Rule.', '')}") from e
