@@ -1,4 +1,4 @@
-"""Bit packing and N:M compaction: exact round trips, golden layouts, byte accounting.
+"""Bit packing and N:M compaction: exact round trips, golden layouts, stream lengths.
 
 References are written independently of the module: numpy's own little-endian
 `packbits` for the bit stream, explicit loops and `itertools.combinations` (colex order)
@@ -155,8 +155,6 @@ def test_dense_byte_counts_per_width():
         assert packing.packed_nbytes(count, 8) == count
         assert packing.packed_nbytes(count, 4) == (count + 1) // 2  # two per byte
         assert packing.packed_nbytes(count, 2) == (count + 3) // 4  # four per byte
-        assert packing.packed_size((count,), 4).values_nbytes == (count + 1) // 2
-        assert packing.packed_size((count,), 4).indices_nbytes == 0
 
 
 def test_unpack_bits_rejects_wrong_length_or_dtype():
@@ -176,7 +174,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="N < M"):
         packing.compact_nm(jnp.zeros((8,)), jnp.ones((8,), bool), 4, 4)
     with pytest.raises(ValueError, match="more than 16 bits"):
-        packing.packed_size((64,), 4, (16, 32), encoding="combinatorial")
+        packing.pack_nm(jnp.zeros((64,), jnp.int8), jnp.ones((64,), bool), 4, 16, 32, -1, "combinatorial")
     with pytest.raises(ValueError, match="needs kept"):
         packing.expand_nm(jnp.zeros((2, 2)), jnp.zeros((2, 2), jnp.uint8), 2, 4, 0, (8, 3))
 
@@ -226,18 +224,28 @@ def test_compact_nm_matches_reference(nm, shape, axis_seed, seed):
     assert bool(packing.is_nm_mask(mask, n, m, axis))
 
 
+def nm_nbytes(shape, axis: int, bits: int, n: int, m: int, encoding) -> tuple[int, int]:
+    """Bytes of the value and index streams of `pack_nm`: R rows of G = ceil(L / M) groups,
+    N values of `bits` bits per group, and N positions or one rank per group."""
+    rows = math.prod(shape) // shape[axis]
+    groups = rows * -(-shape[axis] // m)
+    per_group = n if IndexEncoding(encoding) is IndexEncoding.POSITION else 1
+    index_bits = packing.nm_index_bits(n, m, encoding)
+    return math.ceil(groups * n * bits / 8), math.ceil(groups * per_group * index_bits / 8)
+
+
 def _round_trip(q, mask, bits, nm, axis, encoding):
-    """Pack, check lengths against packed_size, unpack; returns the dense result."""
+    """Pack, check the stream lengths, unpack; returns the dense result."""
     if nm is None:
         packed = packing.pack_bits(q, bits)
-        assert packed.shape == (packing.packed_size(q.shape, bits).values_nbytes,)
+        assert packed.shape == (math.ceil(q.size * bits / 8),)
         return np.asarray(packing.unpack_bits(packed, bits, q.size)).reshape(q.shape)
     n, m = nm
     packed = packing.pack_nm(q, mask, bits, n, m, axis, encoding)
-    size = packing.packed_size(q.shape, bits, nm, axis=axis, encoding=encoding)
+    values_nbytes, indices_nbytes = nm_nbytes(q.shape, axis % q.ndim, bits, n, m, encoding)
     assert packed.values.dtype == packed.indices.dtype == jnp.uint8
-    assert packed.values.shape == (size.values_nbytes,)
-    assert packed.indices.shape == (size.indices_nbytes,)
+    assert packed.values.shape == (values_nbytes,)
+    assert packed.indices.shape == (indices_nbytes,)
     out = packing.unpack_nm(*packed, bits, n, m, axis, q.shape, encoding)
     assert out.dtype == jnp.int8 and out.shape == q.shape
     return np.asarray(out)
@@ -286,6 +294,23 @@ def test_float_values_compact_exactly():
     np.testing.assert_array_equal(dense, np.where(mask, w, 0))
 
 
+def test_unpacked_values_and_fill_round_trip():
+    """`bits` None keeps the kept values as they are (float bit patterns, say); `fill`
+    puts a value other than 0 where pruned (the zero point of asymmetric codes)."""
+    rng = np.random.default_rng(3)
+    shape, axis = (6, 10), 0  # 6 = a full group of 4 + a padded one
+    w = rng.standard_normal(shape).astype(np.float32)
+    mask = nm_mask(rng, shape, 2, 4, axis)
+    values, indices = packing.pack_nm(w, mask, None, 2, 4, axis)
+    assert values.dtype == jnp.float32 and values.shape == (10, 2, 2)
+    np.testing.assert_array_equal(packing.unpack_nm(values, indices, None, 2, 4, axis, shape), np.where(mask, w, 0))
+    q = signed_values(rng, shape, 4)
+    zero_point = rng.integers(-8, 8, size=(1, 10)).astype(np.int8)
+    packed = packing.pack_nm(q, mask, 4, 2, 4, axis)
+    out = packing.unpack_nm(*packed, 4, 2, 4, axis, shape, fill=zero_point)
+    np.testing.assert_array_equal(out, np.where(mask, q, zero_point))
+
+
 def test_is_nm_mask_rejects_broken_groups():
     rng = np.random.default_rng(1)
     mask = nm_mask(rng, (4, 12), 2, 4, -1)
@@ -315,23 +340,20 @@ def test_is_nm_mask_rejects_broken_groups():
 def test_int4_2of4_bits_per_weight(encoding, bits_per_weight):
     shape = (48, 64)  # group axis 64: whole groups, whole bytes
     numel = math.prod(shape)
-    size = packing.packed_size(shape, 4, (2, 4), axis=1, encoding=encoding)
+    rng = np.random.default_rng(2)
+    q = signed_values(rng, shape, 4)
+    packed = packing.pack_nm(q, nm_mask(rng, shape, 2, 4, 1), 4, 2, 4, 1, encoding)
     # Per group of 4 weights: 2 kept int4 values = 8 bits, plus 2 x 2-bit positions
     # (position) or one 3-bit rank of C(4, 2) = 6 subsets (combinatorial).
     index_bits_per_group = 2 * 2 if encoding is IndexEncoding.POSITION else 3
     groups = numel // 4
-    assert size.values_nbits == groups * 2 * 4
-    assert size.indices_nbits == groups * index_bits_per_group
-    assert size.bits_per_weight == bits_per_weight
-    assert 8 * size.total_nbytes == bits_per_weight * numel
+    assert 8 * packed.values.size == groups * 2 * 4
+    assert 8 * packed.indices.size == groups * index_bits_per_group
+    total = packed.values.size + packed.indices.size
+    assert 8 * total == bits_per_weight * numel
     if encoding is IndexEncoding.POSITION:
         # The paper's headline: 3 / 32 = 9.375 % of the fp32 bytes.
-        assert size.total_nbytes / (4 * numel) == 0.09375
-    # ... and the arrays written are exactly that long.
-    rng = np.random.default_rng(2)
-    q = signed_values(rng, shape, 4)
-    packed = packing.pack_nm(q, nm_mask(rng, shape, 2, 4, 1), 4, 2, 4, 1, encoding)
-    assert packed.values.size + packed.indices.size == size.total_nbytes
+        assert total / (4 * numel) == 0.09375
 
 
 @pytest.mark.parametrize(
@@ -341,15 +363,13 @@ def test_int4_2of4_bits_per_weight(encoding, bits_per_weight):
      ((2, 4), "combinatorial", 3), ((1, 4), "combinatorial", 2), ((1, 2), "combinatorial", 1),
      ((2, 8), "combinatorial", 5), ((4, 8), "combinatorial", 7)],
 )
-def test_nm_size_formula(nm, encoding, index_bits):
+def test_nm_stream_lengths(nm, encoding, index_bits):
     n, m = nm
     assert packing.nm_index_bits(n, m, encoding) == index_bits
-    shape, axis = (5, 19, 3), 1  # 19 -> ceil(19 / m) groups per row
-    rows, groups = 15, -(-19 // m)
-    per_group = n if encoding == "position" else 1
-    size = packing.packed_size(shape, 2, nm, axis=axis, encoding=encoding)
-    assert size.values_nbytes == math.ceil(rows * groups * n * 2 / 8)
-    assert size.indices_nbytes == math.ceil(rows * groups * per_group * index_bits / 8)
+    shape, axis = (5, 19, 3), 1  # 19 -> ceil(19 / m) groups per row, a padded last one
+    rng = np.random.default_rng(4)
+    packed = packing.pack_nm(signed_values(rng, shape, 2), nm_mask(rng, shape, n, m, axis), 2, n, m, axis, encoding)
+    assert (packed.values.size, packed.indices.size) == nm_nbytes(shape, axis, 2, n, m, encoding)
 
 
 # --------------------------------------------------------------------------- jit / jaxpr

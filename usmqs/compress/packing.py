@@ -50,7 +50,6 @@ unspecified values; the check is `is_nm_mask` (a traced mask cannot raise under 
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import functools
 import math
@@ -74,30 +73,10 @@ class IndexEncoding(enum.StrEnum):
 
 
 class PackedNM(NamedTuple):
-    """The two uint8 streams of an N:M tensor (see `pack_nm`); a pytree, so jit returns it."""
+    """The two parts of an N:M tensor (see `pack_nm`); a pytree, so jit returns it."""
 
-    values: jax.Array  # kept values, `bits` bits each
-    indices: jax.Array  # positions or ranks, `nm_index_bits(n, m, encoding)` bits each
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PackedSize:
-    """Exact storage of one packed tensor, per component, as written by `pack_nm`/`pack_bits`."""
-
-    num_weights: int  # elements of the dense (unpadded) tensor
-    values_nbits: int  # payload bits of the value stream, before rounding to bytes
-    indices_nbits: int  # payload bits of the index stream (0 when dense)
-    values_nbytes: int  # length of the uint8 value array: ceil(values_nbits / 8)
-    indices_nbytes: int  # length of the uint8 index array: ceil(indices_nbits / 8)
-
-    @property
-    def total_nbytes(self) -> int:
-        return self.values_nbytes + self.indices_nbytes
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Payload bits per dense weight (no byte rounding): 3.0 for int4 + 2:4 position."""
-        return (self.values_nbits + self.indices_nbits) / max(self.num_weights, 1)
+    values: jax.Array  # kept values: a uint8 stream of `bits` bits each, or [..., G, N] as they are
+    indices: jax.Array  # uint8 stream of positions or ranks, `nm_index_bits(n, m, encoding)` bits each
 
 
 # --------------------------------------------------------------------------- sizes
@@ -128,46 +107,6 @@ def nm_index_bits(n: int, m: int, encoding: IndexEncoding | str) -> int:
         # (x - 1).bit_length() is ceil(log2 x), in exact integers.
         return (m - 1).bit_length()
     return (math.comb(m, n) - 1).bit_length()
-
-
-def packed_size(
-    shape: tuple[int, ...],
-    bits: int,
-    nm: tuple[int, int] | None = None,
-    *,
-    axis: int = -1,
-    encoding: IndexEncoding | str = IndexEncoding.POSITION,
-) -> PackedSize:
-    """Storage of a tensor of `shape` packed at `bits` bits, N:M along `axis` if `nm`.
-
-    Dense: values ``ceil(prod(shape) * bits / 8)`` bytes, no indices. N:M: with
-    ``G = ceil(shape[axis] / M)`` groups per row and ``R = prod(shape) / shape[axis]``
-    rows, values ``ceil(R*G*N*bits / 8)`` bytes; indices ``ceil(R*G*N*ceil(log2 M) / 8)``
-    (position) or ``ceil(R*G*ceil(log2 C(M,N)) / 8)`` (combinatorial) bytes. These are
-    exactly the lengths of the arrays `pack_bits` / `pack_nm` return.
-    """
-    _check_bits(bits)
-    shape = tuple(int(d) for d in shape)
-    num = math.prod(shape)
-    if nm is None:
-        vbits, ibits = num * bits, 0
-    else:
-        n, m = nm
-        encoding = IndexEncoding(encoding)
-        _check_nm(n, m, encoding)
-        ax = _normalize_axis(axis, len(shape))
-        rows = math.prod(shape[:ax] + shape[ax + 1 :])
-        groups = rows * -(-shape[ax] // m)
-        vbits = groups * n * bits
-        per_group = n if encoding is IndexEncoding.POSITION else 1
-        ibits = groups * per_group * nm_index_bits(n, m, encoding)
-    return PackedSize(
-        num_weights=num,
-        values_nbits=vbits,
-        indices_nbits=ibits,
-        values_nbytes=-(-vbits // 8),
-        indices_nbytes=-(-ibits // 8),
-    )
 
 
 # --------------------------------------------------------------------------- bit streams
@@ -358,11 +297,13 @@ def expand_nm(
     axis: int,
     shape: tuple[int, ...],
     encoding: IndexEncoding | str = IndexEncoding.POSITION,
+    fill: jax.Array | None = None,
 ) -> jax.Array:
-    """Inverse of `compact_nm`: the dense ``shape`` tensor, zeros where pruned.
+    """Inverse of `compact_nm`: the dense ``shape`` tensor, `fill` where pruned.
 
     `kept` ``[..., G, N]`` and `indices` as `compact_nm` returns them for a tensor of
-    `shape` (static) grouped along `axis`; output has kept's dtype.
+    `shape` (static) grouped along `axis`; output has kept's dtype. `fill` (broadcastable
+    to `shape`, e.g. the zero point of asymmetric codes) defaults to zeros.
     """
     encoding = IndexEncoding(encoding)
     _check_nm(n, m, encoding)
@@ -386,8 +327,12 @@ def expand_nm(
     dense = sum(
         jnp.where(pos[..., j, None] == slot, kept[..., j, None], zero) for j in range(n)
     ).astype(kept.dtype)
-    dense = dense.reshape(*lead, groups * m)[..., :length]
-    return jnp.moveaxis(dense, -1, axis)
+    dense = jnp.moveaxis(dense.reshape(*lead, groups * m)[..., :length], -1, axis)
+    if fill is None:
+        return dense
+    hit = functools.reduce(jnp.logical_or, [pos[..., j, None] == slot for j in range(n)])
+    hit = jnp.moveaxis(hit.reshape(*lead, groups * m)[..., :length], -1, axis)
+    return jnp.where(hit, dense, jnp.asarray(fill, kept.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
@@ -414,21 +359,24 @@ def is_nm_mask(mask: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
 def pack_nm(
     q: jax.Array,
     mask: jax.Array,
-    bits: int,
+    bits: int | None,
     n: int,
     m: int,
     axis: int = -1,
     encoding: IndexEncoding | str = IndexEncoding.POSITION,
 ) -> PackedNM:
-    """`compact_nm` then `pack_bits` of both parts: ``PackedNM(values, indices)``, uint8.
+    """`compact_nm`, then `pack_bits` of the indices and (unless `bits` is None) the values.
 
-    values: the kept ``[..., G, N]`` at `bits` bits (two's complement); indices: the
-    index array at `nm_index_bits(n, m, encoding)` bits, unsigned. Lengths are
-    `packed_size(q.shape, bits, (n, m), axis=axis, encoding=encoding)`.
+    values: the kept ``[..., G, N]`` packed at `bits` bits (two's complement), uint8
+    ``[ceil(R * G * N * bits / 8)]`` for R rows of G groups; with `bits` None the kept
+    array itself (e.g. float bit patterns). indices: uint8
+    ``[ceil(R * G * N * ceil(log2 M) / 8)]`` (position) or
+    ``[ceil(R * G * ceil(log2 C(M, N)) / 8)]`` (combinatorial), unsigned.
     """
     encoding = IndexEncoding(encoding)
     kept, idx = compact_nm(q, mask, n, m, axis, encoding)
-    return PackedNM(pack_bits(kept, bits), pack_bits(idx, nm_index_bits(n, m, encoding)))
+    values = kept if bits is None else pack_bits(kept, bits)
+    return PackedNM(values, pack_bits(idx, nm_index_bits(n, m, encoding)))
 
 
 @functools.partial(
@@ -437,15 +385,20 @@ def pack_nm(
 def unpack_nm(
     values: jax.Array,
     indices: jax.Array,
-    bits: int,
+    bits: int | None,
     n: int,
     m: int,
     axis: int,
     shape: tuple[int, ...],
     encoding: IndexEncoding | str = IndexEncoding.POSITION,
     signed: bool = True,
+    fill: jax.Array | None = None,
 ) -> jax.Array:
-    """Inverse of `pack_nm`: the dense int8 (int16 above 8 bits) tensor of `shape`."""
+    """Inverse of `pack_nm`: the dense tensor of `shape`, `fill` (default 0) where pruned.
+
+    int8 (int16 above 8 bits; unsigned unless `signed`) from packed values; with `bits`
+    None, `values` is the kept ``[..., G, N]`` array and the output has its dtype.
+    """
     encoding = IndexEncoding(encoding)
     _check_nm(n, m, encoding)
     shape = tuple(shape)
@@ -453,8 +406,8 @@ def unpack_nm(
     groups = -(-shape[ax] // m)
     lead = shape[:ax] + shape[ax + 1 :]
     idx_shape = lead + (groups, n) if encoding is IndexEncoding.POSITION else lead + (groups,)
-    kept = unpack_bits(values, bits, math.prod(lead) * groups * n, signed)
+    kept = values if bits is None else unpack_bits(values, bits, math.prod(lead) * groups * n, signed)
     idx = unpack_bits(indices, nm_index_bits(n, m, encoding), math.prod(idx_shape), False)
     return expand_nm(
-        kept.reshape(lead + (groups, n)), idx.reshape(idx_shape), n, m, ax, shape, encoding
+        kept.reshape(lead + (groups, n)), idx.reshape(idx_shape), n, m, ax, shape, encoding, fill
     )
