@@ -79,7 +79,7 @@ def phase_baseline(cfg, workdir: pathlib.Path) -> dict:
 
 
 def phase_export(cfg, workdir: pathlib.Path) -> dict:
-    from usmqs.compress import export
+    from usmqs import export
 
     t = time.perf_counter()
     export.limit_heap_retention()
@@ -90,7 +90,7 @@ def phase_export(cfg, workdir: pathlib.Path) -> dict:
 def phase_serve(cfg, workdir: pathlib.Path) -> dict:
     import numpy as np
 
-    from usmqs.compress import export
+    from usmqs import export
 
     t = time.perf_counter()
     export.limit_heap_retention()

@@ -41,3 +41,106 @@ def tiny_config(corpus: dict, *, policy: str = "float", steps: int = 8, **model)
     overrides += [f"model.{k}={v}" for k, v in model.items()]
     config_lib.apply_overrides(cfg, overrides)
     return cfg
+
+
+# ------------------------------------------------------------------ packed export
+
+# The export tests' model: a micro Conformer with one compression setting per layer, the
+# seven DESIGN.md policies (int8, int4, int2, 2:4, 1:4, int4+2:4, int2+2:4) on stacked and
+# unstacked layers, plus asymmetric scales (with and without N:M), sub-channel blocks with
+# clip search, int16 (no integer form: stored as float), N:M over several flattened axes
+# with a padded last group (conv1: 3*3*1 = 9). blocks/attn/pos and blocks/conv/pw2 stay float.
+EXPORT_VOCAB = 37
+MICRO_MODEL = dict(num_layers=2, model_dim=32, num_heads=2, ffn_dim=64, conv_kernel_size=4, subsample_channels=8)
+MIXED_RULES = [
+    dict(module_path="blocks/ffn1/w_in", weight_bits=8),
+    dict(module_path="blocks/ffn1/w_out", weight_bits=4),
+    dict(module_path="blocks/ffn2/w_in", weight_bits=2),
+    dict(module_path="blocks/ffn2/w_out", nm="2:4"),
+    dict(module_path="blocks/attn/q", nm="1:4"),
+    dict(module_path="blocks/attn/k", weight_bits=4, nm="2:4"),
+    dict(module_path="blocks/attn/v", weight_bits=2, nm="2:4"),
+    dict(module_path="blocks/attn/out", weight_bits=4, symmetric=False, nm="2:4"),
+    dict(module_path="blocks/conv/pw1", weight_bits=2, symmetric=False),
+    dict(module_path="blocks/conv/dw", weight_bits=8, nm="1:4"),
+    dict(module_path="subsample/conv1", weight_bits=4, nm="2:4"),
+    dict(module_path="subsample/conv2", weight_bits=4, granularity="sub_channel", block_size=4, clip_search=True),
+    dict(module_path="subsample/proj", weight_bits=16, nm="2:4"),
+    dict(module_path="ctc/head", weight_bits=16),
+]
+
+
+def mixed_model(*, prune: bool = True):
+    """(model config, policy, model) of the MIXED_RULES micro model; pruned: one-shot N:M masks."""
+    from flax import nnx
+
+    from usmqs.compress import masks
+    from usmqs.compress.policy import Policy
+    from usmqs.models import presets
+    from usmqs.models.conformer import ConformerCTC
+
+    cfg = presets.get_preset("tiny")
+    cfg.update(MICRO_MODEL)
+    policy = Policy.from_config(MIXED_RULES)
+    model = ConformerCTC(cfg, EXPORT_VOCAB, policy=policy, rngs=nnx.Rngs(params=0))
+    if prune:
+        masks.update_masks(model, 0, force=True)
+    return cfg, policy, model
+
+
+def compressed_layers(model) -> dict:
+    """{policy path: layer} for every Dense/Conv of `model` with a compression spec."""
+    from flax import nnx
+
+    from usmqs.compress.layers import Conv, Dense
+
+    return {
+        m.path: m for _, m in nnx.iter_modules(model) if isinstance(m, Dense | Conv) and m.spec is not None
+    }
+
+
+def fake_quant_kernels(model) -> dict:
+    """Policy path -> fake-quant kernel [*stack, *layer_shape] of every compressed layer,
+    computed one layer at a time with jit(compressed_weight), as the scanned model does."""
+    import jax
+    import numpy as np
+
+    from usmqs.compress import ops
+
+    out = {}
+    for path, layer in compressed_layers(model).items():
+        fn = jax.jit(lambda k, m, l=layer: ops.compressed_weight(k, m, l.spec, contract_axes=l.contract_axes))
+        k = layer.kernel[...]
+        m = None if layer.mask is None else layer.mask[...]
+        if k.ndim == len(layer.kernel_shape):
+            out[path] = np.asarray(fn(k, m))
+        else:
+            out[path] = np.stack([np.asarray(fn(k[i], None if m is None else m[i])) for i in range(k.shape[0])])
+    return out
+
+
+def assert_bitwise(ref: dict, got: dict):
+    """Same keys, float32 arrays of the same shapes, equal bit patterns."""
+    import numpy as np
+
+    assert set(ref) == set(got)
+    for key in ref:
+        assert ref[key].dtype == got[key].dtype == np.float32, key
+        assert ref[key].shape == got[key].shape, key
+        np.testing.assert_array_equal(ref[key].view(np.uint32), got[key].view(np.uint32), err_msg=key)
+
+
+@pytest.fixture(scope="session")
+def mixed_export(tmp_path_factory) -> dict:
+    """The MIXED_RULES model written by `write_export` (step 7): its dir, config, policy,
+    model and size report."""
+    from usmqs.compress import export_format
+
+    root = tmp_path_factory.mktemp("mixed")
+    cfg, policy, model = mixed_model()
+    (root / "tokenizer.model").write_bytes(b"not parsed by load_export, only checksummed")
+    report = export_format.write_export(
+        model, root / "export", model_config=cfg, vocab_size=EXPORT_VOCAB, policy=policy,
+        tokenizer_file=root / "tokenizer.model", step=7,
+    )
+    return dict(root=root, dir=root / "export", cfg=cfg, policy=policy, model=model, report=report)

@@ -58,7 +58,7 @@ def cmd_evaluate(args, overrides):
 
     cfg = _workdir_config(args, overrides)
     if args.export:
-        from usmqs.compress import export
+        from usmqs import export
 
         export.limit_heap_retention()  # this process only serves the export, then exits
         export.evaluate_export(cfg, args.workdir, manifest=args.manifest, split=args.split)
@@ -67,7 +67,7 @@ def cmd_evaluate(args, overrides):
 
 
 def cmd_export(args, overrides):
-    from usmqs.compress import export
+    from usmqs import export
 
     cfg = _workdir_config(args, overrides)
     export.limit_heap_retention()  # this process only exports, then exits

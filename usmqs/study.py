@@ -440,7 +440,7 @@ def load_done(run_dir: pathlib.Path, cfg=None, workdir=None) -> dict | None:
 def _execute(cfg, run: StudyRun, run_dir: pathlib.Path, workdir, *, record_spec=None) -> dict:
     """Train (resuming) + evaluate + export one run; write and return its done.json record."""
     from usmqs import train as train_lib
-    from usmqs.compress import export as export_lib
+    from usmqs import export as export_lib
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if record_spec is not None and _primary():

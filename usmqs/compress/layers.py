@@ -52,7 +52,7 @@ def runtime_setting_values(bits: int | None, nm: tuple[int, int] | None) -> jax.
 class EncodedKernel:
     """A kernel value held in a stored form and decoded where the layer uses it.
 
-    The packed export (`usmqs.compress.export`) serves with these in place of float
+    The packed export (`usmqs.compress.codec.PackedKernel`) serves with these in place of float
     kernels: a pytree whose leaves carry the layer axes of the stored components, so
     the model's scan over stacked layers slices them like any kernel and `decode` runs
     inside the scan body, one layer at a time -- the whole model is never dense float.
