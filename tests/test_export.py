@@ -1,6 +1,6 @@
 """Serving from the packed export and the workdir commands: the served forward is bitwise the
-fake-quant forward, kernels stay packed, a checkpoint exports to its own fake-quant kernels,
-and decoding from the export alone predicts exactly like the checkpoint's evaluation."""
+fake-quant forward, kernels stay packed, a trained checkpoint exports to its own fake-quant
+kernels, and decoding from the export alone predicts exactly like its evaluation."""
 
 from __future__ import annotations
 
@@ -15,12 +15,11 @@ import pytest
 import soundfile as sf
 from flax import nnx
 
-from conftest import ROOT, TINY_OVERRIDES, assert_bitwise, fake_quant_kernels, tiny_config
+from conftest import ROOT, assert_bitwise, fake_quant_kernels, tiny_config
 from usmqs import config as config_lib
 from usmqs import export, run, train
 from usmqs.compress import codec
 from usmqs.compress.export_format import ExportError
-from usmqs.data.tokenizer import Tokenizer
 
 
 def _served_kernels(served) -> dict[str, np.ndarray]:
@@ -100,26 +99,6 @@ def test_export_that_does_not_fit_the_model(mixed_export, tmp_path):
         export.load_export(copy)
 
 
-def test_export_workdir_serves_the_checkpoints_fake_quant_kernels(tmp_path):
-    """A run without training (init, one-shot masks, a checkpoint and a tokenizer) exports
-    from its checkpoint, reading it layer by layer, to its own fake-quant kernels."""
-    cfg = config_lib.load_config(f"{ROOT / 'configs/tiny.py'}:policy=int4+2:4")
-    config_lib.apply_overrides(cfg, list(TINY_OVERRIDES))
-    tok = Tokenizer.train(["the cat sat on a mat", "red and blue"], tmp_path / "tokenizer", 0, "char")
-    setup = run.build(cfg, tok.vocab_size)
-    state = run.init_masks(setup, setup.init_fn(jax.random.PRNGKey(0)))
-    mngr = run.checkpoint_manager(tmp_path, cfg)
-    run.save_state(mngr, state.replace(step=jnp.asarray(3, jnp.int32)), {})
-    mngr.close()
-
-    report = export.export_workdir(cfg, tmp_path)
-    assert json.loads((tmp_path / "export/size.json").read_text()) == report
-    served = export.load_export(tmp_path / "export", config=cfg)
-    assert served.metadata["step"] == 3 and served.vocab_size == tok.vocab_size
-    model = nnx.merge(setup.graphdef, state.params, state.rest)
-    assert_bitwise(fake_quant_kernels(model), _served_kernels(served))
-
-
 # ---------------------------------------------------------------------- end to end
 
 
@@ -136,14 +115,22 @@ def _tone_corpus(root: pathlib.Path) -> dict:
 
 
 @pytest.mark.slow
-def test_evaluate_export_predicts_exactly_like_the_fake_quant_eval(tmp_path):
+def test_a_trained_run_exports_its_kernels_and_decodes_like_its_checkpoint(tmp_path):
     cfg = tiny_config(_tone_corpus(tmp_path), policy="int4+2:4", steps=2, conv_kernel_size=5)
     cfg.data.tokenizer_type = "char"
     cfg.data.bucket_boundaries = (200,)
     cfg.data.max_frames = 200
     workdir = tmp_path / "run"
     fq = train.train_and_evaluate(cfg, workdir)  # writes eval.json + predictions.jsonl
-    export.export_workdir(cfg, workdir)
+    report = export.export_workdir(cfg, workdir)
+    assert json.loads((workdir / "export/size.json").read_text()) == report
+    # The export, read from the checkpoint layer by layer, serves its fake-quant kernels.
+    setup = run.build(cfg, run.load_tokenizer(workdir).vocab_size)
+    state = run.restore_latest(workdir, cfg, setup)
+    mngr.close()
+    served = export.load_export(workdir / "export", config=cfg)
+    assert served.metadata["step"] == 2
+    assert_bitwise(fake_quant_kernels(nnx.merge(setup.graphdef, state.params, state.rest)), _served_kernels(served))
     # Serving reads nothing but the export: no checkpoints, no workdir tokenizer.
     shutil.rmtree(workdir / "checkpoints")
     (workdir / "tokenizer.model").unlink()
