@@ -127,7 +127,6 @@ def test_a_trained_run_exports_its_kernels_and_decodes_like_its_checkpoint(tmp_p
     # The export, read from the checkpoint layer by layer, serves its fake-quant kernels.
     setup = run.build(cfg, run.load_tokenizer(workdir).vocab_size)
     state = run.restore_latest(workdir, cfg, setup)
-    mngr.close()
     served = export.load_export(workdir / "export", config=cfg)
     assert served.metadata["step"] == 2
     assert_bitwise(fake_quant_kernels(nnx.merge(setup.graphdef, state.params, state.rest)), _served_kernels(served))
