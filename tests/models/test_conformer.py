@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from usmqs.compress.layers import Conv
+from usmqs.compress.layers import Conv, compressible_layers
 from usmqs.models import conformer
 from usmqs.models.conformer import (
     LOGICAL_AXIS_NAMES,
@@ -22,7 +22,6 @@ from usmqs.models.conformer import (
     rel_shift,
     relative_positions,
     subsampled_length,
-    weight_paths,
     with_logical_constraint,
 )
 
@@ -191,10 +190,9 @@ def test_params_carry_logical_axes():
 
 def test_weight_paths_are_the_documented_ones():
     model = _abstract()
-    layers = weight_paths(model)
-    assert set(layers) == set(WEIGHT_PATHS)
-    assert layers["blocks/conv/dw"].kernel.shape == (2, 4, 1, 32)
-    assert layers["blocks/conv/dw"].feature_group_count == 32
+    assert set(compressible_layers(model)) == set(WEIGHT_PATHS)
+    assert model.blocks.conv.dw.kernel.shape == (2, 4, 1, 32)
+    assert model.blocks.conv.dw.feature_group_count == 32
 
 
 def test_with_logical_constraint_is_noop_without_context():

@@ -588,14 +588,3 @@ class ConformerCTC(nnx.Module):
         logits = self.ctc_head(x).astype(jnp.float32)
         logits = with_logical_constraint(logits, ("batch", "time", "vocab"))
         return logits, mask
-
-
-def weight_paths(model: nnx.Module) -> dict[str, Dense | Conv]:
-    """{module path: layer} for every compressible layer of `model` (stacked ones once)."""
-    found: dict[str, Dense | Conv] = {}
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, (Dense, Conv)):
-            if node.path in found:
-                raise ValueError(f"two layers share the path {node.path!r}")
-            found[node.path] = node
-    return found
