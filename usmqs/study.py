@@ -51,7 +51,6 @@ import contextlib
 import copy
 import dataclasses
 import enum
-import functools
 import json
 import os
 import pathlib
@@ -386,48 +385,19 @@ def _atomic_write(path: pathlib.Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
-@functools.cache
-def _added_key_defaults() -> dict:
-    """Flat defaults of the keys every experiment has (not model.*: presets differ)."""
-    from usmqs import config as config_lib
-
-    flat = _flat(json.loads(config_lib.base_config("tiny").to_json_best_effort()))
-    return {k: v for k, v in flat.items() if not k.startswith("model.")}
-
-
-def with_dev_eval(cfg, run_dir: pathlib.Path, record: dict) -> dict:
-    """A finished run's record with its dev split decoded, when the config has a dev
-    split and the run finished before one existed (the record is updated on disk)."""
-    from usmqs import evaluate
-
-    if record.get("dev") is not None or not evaluate.decodes_dev(cfg):
-        return record
-    metrics = evaluate.evaluate_workdir(cfg, run_dir, split="dev")
-    record = {**record, "dev": {k: metrics[k] for k in EVAL_KEYS}}
-    if _primary():
-        _atomic_write(run_dir / DONE_FILE, json.dumps(record, indent=2) + "\n")
-    return record
-
-
 def load_done(run_dir: pathlib.Path, cfg=None, workdir=None) -> dict | None:
     """The run's done.json record, None if it has not finished.
 
-    With `cfg`, a record made with another config raises StudyError (naming the keys):
-    the finished run would silently stand for a different experiment. A key the record
-    does not have (added to the config after the run finished) is no difference while it
-    keeps its default value, which reproduces what ran before it existed.
+    With `cfg`, a record made with another config raises StudyError naming the keys that
+    differ (`run_identity`): the finished run would silently stand for another experiment.
     """
     path = pathlib.Path(run_dir) / DONE_FILE
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
     if cfg is not None:
-        now, then = run_identity(cfg, workdir), record.get("config", {})
-        defaults = _added_key_defaults()
-        diff = sorted(
-            k for k in set(now) | set(then)
-            if now.get(k) != then.get(k) and not (k not in then and k in defaults and now[k] == defaults[k])
-        )
+        now, then = run_identity(cfg, workdir), record["config"]
+        diff = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
         if diff:
             shown = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
             raise StudyError(
@@ -527,7 +497,7 @@ def result_rows(records: Mapping[StudyRun, dict]) -> list[dict]:
         first = recs[0]
         bpw = first["size"]["compressed_layers_bits_per_weight_no_scales"]
         wers = [rec["eval"]["wer"] for rec in recs]
-        devs = [rec["dev"]["wer"] for rec in recs if rec.get("dev")]
+        devs = [rec["dev"]["wer"] for rec in recs if rec["dev"]]
         wer = statistics.fmean(wers)
         row = {
             "name": name,
@@ -884,7 +854,7 @@ def run_study(
             record = load_done(run_dir, cfg, workdir)
             if record is not None:
                 print(f"[{label}] done earlier: WER {100 * record['eval']['wer']:.2f}% (skipped)", flush=True)
-                records[run] = with_dev_eval(cfg, run_dir, record)
+                records[run] = record
                 continue
             what = {
                 Method.FLOAT: f"train the float baseline, {cfg.train.num_steps} steps",
