@@ -14,7 +14,8 @@ of its steps (625) at half its peak LR, distillation from the float baseline
 (``train.distill_weight``) and SR-STE with the N:M masks re-ranked every 50 steps
 (``policy.mask_every``, ``policy.prune_grad``); 35 minutes for all ten settings on 2
 cores (README "The full study").
-Writes results.json, report.md and pareto.png in the workdir (usmqs/study.py).
+Writes results.json, report.md and pareto.png in the workdir (usmqs/study.py runs the
+study, usmqs/study_report.py renders them).
 
 Colon arguments (comma-separated): ``settings=A/B/...`` policy NAMEs separated by '/'
 (default: all ten); ``full``: the fully trained baseline (above); ``runlocal``: a

@@ -12,7 +12,7 @@ import soundfile as sf
 
 from conftest import ROOT, TINY_OVERRIDES
 from usmqs import config as config_lib
-from usmqs import study
+from usmqs import study, study_report
 
 # conftest's test-sized model and data, as overrides of a study config.
 TINY = [
@@ -65,7 +65,7 @@ def test_study_end_to_end_rerun_and_resume(small_corpus, tmp_path, jax_cache, ca
         ("int4+2:4", "ptq"), ("int4+2:4", "qat"),
     ]
     for r in rows:
-        assert tuple(r) == study.ROW_KEYS
+        assert tuple(r) == study_report.ROW_KEYS
     by = {(r["name"], r["method"]): r for r in rows}
     assert {(k, by[k]["weight_bits"], by[k]["sparsity"]) for k in by} == {
         (("float", "float"), None, None), (("float", "qat"), None, None),
@@ -172,20 +172,20 @@ def test_fine_tuning_seeds_plan_rows_table_and_plot(tmp_path):
     records = {study.BASELINE: rec(0.20, 0.10), R(study.Method.PTQ, "int4+2:4"): rec(0.8, 0.7)}
     for seed, (wer, dev) in enumerate([(0.24, 0.11), (0.26, 0.12), (0.25, 0.13)]):
         records[R(QAT, "int4+2:4", seed)] = rec(wer, dev)
-    rows = study.result_rows(records)
+    rows = study_report.result_rows(records)
     assert [(r["name"], r["method"]) for r in rows] == [("float", "float"), ("int4+2:4", "ptq"), ("int4+2:4", "qat")]
     qat = rows[-1]
     assert qat["wer_seeds"] == [0.24, 0.26, 0.25] and qat["dev_wer_seeds"] == [0.11, 0.12, 0.13]
     assert qat["wer"] == pytest.approx(0.25) and qat["dev_wer"] == pytest.approx(0.12)
     assert qat["rel_wer_regression"] == pytest.approx(0.25)  # of the mean
-    table = study.format_table(rows)
+    table = study_report.format_table(rows)
     assert "| int4+2:4 | 3 | 10.00 | 20.00 | 80.00 | 25.00 ± 1.00 | +300.0 | +25.0 |" in table
-    dev_table = study.format_table(study.dev_rows(rows))
+    dev_table = study_report.format_table(study_report.dev_rows(rows))
     assert "| int4+2:4 | 3 | 10.00 | 10.00 | 70.00 | 12.00 ± 1.00 | +600.0 | +20.0 |" in dev_table
-    assert study._rel_sd(qat, rows[:1]) == pytest.approx(5.0)  # 1 point sd of a 20 % WER
-    study.write_report(tmp_path / "report.md", rows, records, cfg, runs)
+    assert study_report.rel_regression_sd(qat, 0.20) == pytest.approx(5.0)  # 1 point sd of a 20 % WER
+    study_report.write_report(tmp_path / "report.md", rows, records, cfg, runs)
     assert "3 fine-tuning seeds each (seed 10 ... 12)" in (tmp_path / "report.md").read_text()
-    study.plot_pareto(tmp_path / "pareto.png", rows)
+    study_report.plot_pareto(tmp_path / "pareto.png", rows)
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     cfg.study.finetune_seeds = 0
     with pytest.raises(ValueError, match="study.finetune_seeds"):
@@ -267,6 +267,7 @@ def _record(wer: float, model_bytes: int, bpw: float | None) -> dict:
     return {
         "eval": {"wer": wer, "num_words": 100},
         "dev": None,
+        "export_wer": None,
         "size": {
             "model_bytes": model_bytes, "size_ratio": model_bytes / 4000, "num_params": 1000,
             "fp32_bytes": 4000, "compressed_layers_bits_per_weight_no_scales": bpw,
@@ -284,7 +285,7 @@ def test_rows_report_and_plot_from_records(tmp_path):
         R(study.Method.PTQ, "int4+2:4"): _record(0.80, 400, 3.0),
         R(study.Method.PTQ, "int2"): _record(3.0, 300, 2.0),
     }
-    rows = study.result_rows(records)
+    rows = study_report.result_rows(records)
     assert [(r["name"], r["method"]) for r in rows] == [
         ("float", "float"), ("int2", "ptq"), ("int4+2:4", "ptq"), ("int4+2:4", "qat")
     ]
@@ -298,41 +299,41 @@ def test_rows_report_and_plot_from_records(tmp_path):
         "wer_seeds": [3.0], "dev_wer_seeds": [],
     }
     assert by[("float", "float")]["bits_per_weight"] == 32.0
-    table = study.format_table(rows)
+    table = study_report.format_table(rows)
     assert "| int4+2:4 | 3 | 10.00 | 20.00 | 80.00 | 25.00 | +300.0 | +25.0 |" in table
     assert "| int2 | 2 | 7.50 | 20.00 | 300.00 | — | +1400.0 | — |" in table
     cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}:settings=int2/int4+2:4")
-    study.write_report(tmp_path / "report.md", rows, records, cfg, study.plan(cfg))
+    study_report.write_report(tmp_path / "report.md", rows, records, cfg, study.plan(cfg))
     report = (tmp_path / "report.md").read_text()
     assert "partial: 4/6 runs finished" in report and "| qat float | pending |" in report
-    assert "## The dev split" not in report and study.dev_rows(rows) == []
-    study.plot_pareto(tmp_path / "pareto.png", rows)  # symlog y: int2 PTQ is +1400 %
+    assert "## The dev split" not in report and study_report.dev_rows(rows) == []
+    study_report.plot_pareto(tmp_path / "pareto.png", rows)  # symlog y: int2 PTQ is +1400 %
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     # A float WER of 0 leaves the relative regression undefined, not infinite.
-    assert study.rel_regression(0.1, 0.0) is None
+    assert study_report.rel_regression(0.1, 0.0) is None
 
     # A partial study never reaches the README; a complete one replaces the marked block.
     readme = tmp_path / "README.md"
-    original = f"# x\n\nbefore\n{study.README_BEGIN}\nold table\n{study.README_END}\nafter\n"
+    original = f"# x\n\nbefore\n{study_report.README_BEGIN}\nold table\n{study_report.README_END}\nafter\n"
     readme.write_text(original)
-    with pytest.raises(study.StudyError, match="not a complete study"):
-        study.update_readme(readme, tmp_path)
+    with pytest.raises(ValueError, match="not a complete study"):
+        study_report.update_readme(readme, tmp_path)
     assert readme.read_text() == original
     cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}:settings=int2/int4+2:4")
     cfg.study.float_control = False
     records.pop(R(study.Method.QAT, "int4+2:4"))
     records[R(study.Method.QAT, "int2")] = _record(0.5, 300, 2.0)
     records[R(study.Method.QAT, "int4+2:4")] = _record(0.25, 400, 3.0)
-    study.write_outputs(tmp_path, records, cfg, study.plan(cfg))
-    image = study.update_readme(readme, tmp_path)
+    study_report.write_outputs(tmp_path, records, cfg, study.plan(cfg))
+    image = study_report.update_readme(readme, tmp_path)
     text = readme.read_text()
-    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{study.README_END}\nafter\n")
+    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{study_report.README_END}\nafter\n")
     assert "old table" not in text and "| int4+2:4 | 3 | 10.00 |" in text
     assert f"![pareto](docs/{tmp_path.name}_pareto.png)" in text
     assert image.read_bytes() == (tmp_path / "pareto.png").read_bytes()
     readme.write_text("no markers")
-    with pytest.raises(study.StudyError, match="needs exactly one"):
-        study.update_readme(readme, tmp_path)
+    with pytest.raises(ValueError, match="needs exactly one"):
+        study_report.update_readme(readme, tmp_path)
 
 
 def test_plan_overrides_and_validation(tmp_path):
@@ -403,7 +404,7 @@ def test_full_recipe_fine_tunes_a_quarter_of_tiny_with_distillation(tmp_path):
         assert qat.init_from == str(tmp_path / "float")  # the teacher is the baseline
         spec = policy_from_config(qat.policy).resolve("blocks/ffn1/w_in")
         assert spec.runtime and spec.prune_grad.value == "srste" and spec.mask_schedule.every == 50
-    assert study._named_pruning(cfg) == {"mask_every": 50, "prune_grad": "srste"}  # in report.md
-    assert study._named_pruning(config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}")) == {}
+    assert study_report.named_pruning(cfg) == {"mask_every": 50, "prune_grad": "srste"}  # in report.md
+    assert study_report.named_pruning(config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}")) == {}
     baseline = study.run_config(cfg, study.BASELINE, tmp_path)
     assert not train.distills(baseline) and baseline.train.learning_rate == tiny.train.learning_rate

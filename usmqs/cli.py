@@ -97,14 +97,14 @@ def cmd_compile(args, overrides):
 def cmd_study(args, overrides):
     import pathlib
 
-    from usmqs import study
+    from usmqs import study, study_report
 
     cfg = _config(args, overrides)
     path, sep, arg = args.config.partition(":")
     spec = str(pathlib.Path(path).resolve()) + sep + arg
     study.run_study(cfg, args.workdir, config_spec=spec, overrides=overrides)
     if getattr(args, "update_readme", None):
-        study.update_readme(args.update_readme, args.workdir)
+        study_report.update_readme(args.update_readme, args.workdir)
         print(f"updated the study section of {args.update_readme}", flush=True)
 
 
