@@ -408,3 +408,29 @@ def test_full_recipe_fine_tunes_a_quarter_of_tiny_with_distillation(tmp_path):
     assert study_report.named_pruning(config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}")) == {}
     baseline = study.run_config(cfg, study.BASELINE, tmp_path)
     assert not train.distills(baseline) and baseline.train.learning_rate == tiny.train.learning_rate
+
+
+def test_report_says_only_what_the_study_checked(tmp_path):
+    R, PTQ, QAT = study.StudyRun, study.Method.PTQ, study.Method.QAT
+    cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}:settings=int2")
+    records = {study.BASELINE: _record(0.20, 4100, None), R(PTQ, "int2"): _record(3.0, 300, 2.0)}
+
+    def header(records):
+        rows = study_report.result_rows(records)
+        study_report.write_report(tmp_path / "report.md", rows, records, cfg, study.plan(cfg))
+        report = (tmp_path / "report.md").read_text()
+        return report.split("\n\n")[1], "float control" in report
+
+    # No packed-export check (study.eval_export off) and no float control yet: not a word.
+    assert header(records)[0].endswith("(greedy decoding).") and header(records)[1] is False
+    checked = {run: {**rec, "export_wer": rec["eval"]["wer"]} for run, rec in records.items()}
+    checked[R(QAT, "float")] = {**_record(0.19, 4100, None), "export_wer": 0.18}
+    text, control = header(checked)
+    assert control and text.endswith(
+        "(greedy decoding; decoded from their packed exports (3 of 3 runs checked), the WER "
+        "differs for qat float (18.00 % from the export))."
+    )
+    del checked[R(QAT, "float")]
+    assert header(checked)[0].endswith("(greedy decoding; decoded from its packed export, every run gives the same WER).")
+    checked[study.BASELINE] = records[study.BASELINE]
+    assert header(checked)[0].endswith("(greedy decoding; decoded from their packed exports, the runs checked (1 of 2) give the same WER).")

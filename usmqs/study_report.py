@@ -198,6 +198,29 @@ def named_pruning(config) -> dict:
     return {k: config.policy[k] for k, v in NAMED_PRUNING_DEFAULTS.items() if config.policy[k] != v}
 
 
+def _has_control(rows: Sequence[dict]) -> bool:
+    return any((r["name"], r["method"]) == ("float", "qat") for r in rows)
+
+
+def _export_check(records: Mapping[Run, dict]) -> str:
+    """What the study checked of the packed exports (``study.eval_export``): "" when
+    nothing, else whether the runs checked decode from their export to the same WER."""
+    checked = {run: rec for run, rec in records.items() if rec["export_wer"] is not None}
+    if not checked:
+        return ""
+    n, m = len(checked), len(records)
+    differ = [
+        f"{run.tag} ({_pct(rec['export_wer'], 2)} % from the export)"
+        for run, rec in checked.items()
+        if rec["export_wer"] != rec["eval"]["wer"]
+    ]
+    if differ:
+        return f"; decoded from their packed exports ({n} of {m} runs checked), the WER differs for {', '.join(differ)}"
+    if n == m:
+        return "; decoded from its packed export, every run gives the same WER"
+    return f"; decoded from their packed exports, the runs checked ({n} of {m}) give the same WER"
+
+
 def _header(rows: Sequence[dict], records: Mapping[Run, dict], config, plan_: Sequence[Run]) -> str:
     """report.md's first paragraph: status, model, what each method ran, how WER was measured."""
     s = config.study
@@ -219,7 +242,7 @@ def _header(rows: Sequence[dict], records: Mapping[Run, dict], config, plan_: Se
             if s.finetune_seeds > 1 else ""
         )
         + ". WER from the fake-quant evaluation of each run's final checkpoint "
-        f"({config.eval.decoder} decoding; the packed export decodes to the same tokens)."
+        f"({config.eval.decoder} decoding{_export_check(records)})."
     )
 
 
@@ -243,6 +266,12 @@ def _reading_notes(rows: Sequence[dict], records: Mapping[Run, dict]) -> str:
             f"Here, {p['setting']} after fine-tuning is {_pct(qat['size_ratio'], 1)} % of fp32 at "
             f"{_pct(qat['rel_wer_regression'], 1, True)} % relative regression{without}."
         )
+    control = (
+        " Compare each QAT row with the float "
+        "control (QAT of float: the same fine-tuning without compression) rather than with "
+        "the baseline alone: the control shows what the extra steps by themselves do; a "
+        "setting has recovered when its regression is near the control's."
+    )
     text.append(
         f"Read it with three differences in mind. (1) Model size: {params:,} parameters, "
         "not 2B; a small model has little redundancy, so every setting costs more WER than "
@@ -252,10 +281,8 @@ def _reading_notes(rows: Sequence[dict], records: Mapping[Run, dict]) -> str:
         "bits/weight ÷ 32 (the paper's accounting, the bits/weight column); the narrower the "
         "layers, the larger the scales' share. (3) Noise: the eval set has "
         f"{num_words} words, so one word is {100 / max(num_words, 1):.2f} % absolute WER; "
-        "differences of a few words are not findings. Compare each QAT row with the float "
-        "control (QAT of float: the same fine-tuning without compression) rather than with "
-        "the baseline alone: the control shows what the extra steps by themselves do; a "
-        "setting has recovered when its regression is near the control's."
+        "differences of a few words are not findings."
+        + (control if _has_control(rows) else "")
     )
     return "\n\n".join(text)
 
@@ -311,8 +338,12 @@ def write_report(
         "bits/weight: values + N:M indices over the compressed layers, scales excluded "
         "(32 = float). size % of fp32: the whole exported model (export/size.json of the "
         "QAT run; results.json has each run's own). "
-        "Relative regression: (WER − float WER) / float WER. QAT of `float` is the float "
-        "control: the baseline fine-tuned with the QAT recipe and budget, uncompressed.",
+        "Relative regression: (WER − float WER) / float WER."
+        + (
+            " QAT of `float` is the float "
+            "control: the baseline fine-tuned with the QAT recipe and budget, uncompressed."
+            if _has_control(rows) else ""
+        ),
         "",
         "![pareto](pareto.png)",
         "",
