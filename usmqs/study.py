@@ -265,8 +265,9 @@ def run_identity(cfg: ml_collections.ConfigDict, workdir=None) -> dict:
 def compilation_cache(path: str | os.PathLike | None) -> Iterator[None]:
     """The JAX persistent compilation cache in `path` for the duration (None: unchanged).
 
-    Every executable is cached (no minimum compile time or entry size): on 2 CPU cores
-    even the eval step takes seconds to compile. The previous settings are restored.
+    Every executable is cached (no minimum compile time or entry size), so that later
+    runs load every program of the study, not only the slowest to compile. The previous
+    settings are restored.
     """
     if path is None:
         yield
