@@ -1,10 +1,22 @@
-"""The compression study: results.json schema and numbers, report, plot, resume, configs."""
+"""The compression study: plan, execution and resume (usmqs/study.py); results.json rows,
+report.md, pareto.png and the README block (usmqs/study_report.py).
+
+What needs training is checked on one study of the micro model (`demo_study`), trained
+once per test session and shared, also between xdist workers; the tests that change a
+study work on a copy. Everything else is checked on loaded configs and hand-made records.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import fcntl
+import io
 import json
+import os
 import pathlib
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -21,6 +33,8 @@ TINY = [
     "data.max_frames=400",
     "train.log_every=1",
 ]
+DEMO = ROOT / "configs/study_demo.py"
+R, PTQ, QAT = study.StudyRun, study.Method.PTQ, study.Method.QAT
 
 
 @pytest.fixture(scope="session")
@@ -40,160 +54,176 @@ def _mtimes(workdir: pathlib.Path) -> dict[str, int]:
     return {str(p.relative_to(workdir)): p.stat().st_mtime_ns for p in workdir.rglob(study.DONE_FILE)}
 
 
-def test_study_end_to_end_rerun_and_resume(small_corpus, tmp_path, jax_cache, capsys):
-    spec = f"{ROOT / 'configs/study_demo.py'}:settings=int8/int4+2:4"
-    cfg, overrides = _study_config(
-        spec,
-        jax_cache,
-        f"data.train_manifest={small_corpus['train']}",
-        f"data.eval_manifest={small_corpus['test']}",
-        f"data.dev_manifest={small_corpus['dev']}",
-        "train.num_steps=4",
-        "train.checkpoint_every=4",
-        "study.finetune_steps=2",
-        "study.finetune.warmup_steps=1",
-        "study.finetune.checkpoint_every=1",
-    )
-    wd = tmp_path / "study"
-    rows = study.run_study(cfg, wd, config_spec=spec, overrides=overrides)
+def _json(path: pathlib.Path):
+    return json.loads(path.read_text())
 
-    # results.json: the DESIGN.md rows, exactly.
-    assert json.loads((wd / "results.json").read_text()) == rows
+
+# ------------------------------------------------------------- one study, trained once
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="module")
+def demo_study(small_corpus, tmp_path_factory, jax_cache):
+    """The demo study on two settings, 4 baseline steps and 2-step fine-tunes: 6 runs.
+
+    Trained once per session: under xdist the first worker to get here trains it (the
+    others wait on a lock) and every worker reads it, with the config it was made with
+    (its corpus and compilation cache) and what it printed. Read-only for the tests.
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # the session's folder, above every worker's
+    wd, made = shared / "demo_study", shared / "demo_study.json"
+    with _locked(shared / "demo_study.lock"):
+        if not made.is_file():
+            spec = f"{DEMO}:settings=int8/int4+2:4"
+            cfg, overrides = _study_config(
+                spec,
+                jax_cache,
+                f"data.train_manifest={small_corpus['train']}",
+                f"data.eval_manifest={small_corpus['test']}",
+                f"data.dev_manifest={small_corpus['dev']}",
+                "train.num_steps=4",
+                "train.checkpoint_every=4",
+                "study.finetune_steps=2",
+                "study.finetune.warmup_steps=1",
+                "study.finetune.checkpoint_every=1",
+            )
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                rows = study.run_study(cfg, wd, config_spec=spec, overrides=overrides)
+            made.write_text(json.dumps({"spec": spec, "overrides": overrides, "rows": rows, "out": out.getvalue()}))
+    m = _json(made)
+    cfg = config_lib.load_config(m["spec"])
+    config_lib.apply_overrides(cfg, m["overrides"])
+    return types.SimpleNamespace(cfg=cfg, wd=wd, rows=m["rows"], out=m["out"])
+
+
+def _by(rows):
+    return {(r["name"], r["method"]): r for r in rows}
+
+
+def test_results_json_has_a_row_per_setting_and_method(demo_study):
+    rows = demo_study.rows
+    assert _json(demo_study.wd / "results.json") == rows
     assert [(r["name"], r["method"]) for r in rows] == [
         ("float", "float"), ("float", "qat"),
         ("int8", "ptq"), ("int8", "qat"),
         ("int4+2:4", "ptq"), ("int4+2:4", "qat"),
     ]
-    for r in rows:
-        assert tuple(r) == study_report.ROW_KEYS
-    by = {(r["name"], r["method"]): r for r in rows}
-    assert {(k, by[k]["weight_bits"], by[k]["sparsity"]) for k in by} == {
+    assert all(tuple(r) == study_report.ROW_KEYS for r in rows)
+    assert {(k, r["weight_bits"], r["sparsity"]) for k, r in _by(rows).items()} == {
         (("float", "float"), None, None), (("float", "qat"), None, None),
         (("int8", "ptq"), 8, None), (("int8", "qat"), 8, None),
         (("int4+2:4", "ptq"), 4, "2:4"), (("int4+2:4", "qat"), 4, "2:4"),
     }
+
+
+def test_each_row_is_its_runs_eval_and_export(demo_study):
+    wd, by = demo_study.wd, _by(demo_study.rows)
     float_wer = by[("float", "float")]["wer"]
-    for r in rows:
-        assert 0.0 <= r["wer"] and isinstance(r["size_bytes"], int)
+    for r in demo_study.rows:
+        run_dir = wd / ("float" if r["method"] == "float" else f"{r['method']}/{r['name']}")
+        assert r["wer"] == _json(run_dir / "eval.json")["wer"]
+        assert r["dev_wer"] == _json(run_dir / "eval_dev.json")["wer"]
+        size = _json(run_dir / "export/size.json")
+        assert (r["size_bytes"], r["size_ratio"]) == (size["model_bytes"], size["size_ratio"])
         expected = (r["wer"] - float_wer) / float_wer if float_wer > 0 else None
         assert r["rel_wer_regression"] == pytest.approx(expected)
-        # Each row is its run's eval.json and export/size.json.
-        run_dir = wd / ("float" if r["method"] == "float" else f"{r['method']}/{r['name']}")
-        assert r["wer"] == json.loads((run_dir / "eval.json").read_text())["wer"]
-        assert r["dev_wer"] == json.loads((run_dir / "eval_dev.json").read_text())["wer"]
-        size = json.loads((run_dir / "export/size.json").read_text())
-        assert (r["size_bytes"], r["size_ratio"]) == (size["model_bytes"], size["size_ratio"])
     assert by[("float", "float")]["bits_per_weight"] == 32.0
     assert by[("int8", "qat")]["bits_per_weight"] == pytest.approx(8.0)
+    # 3 bits for the pruned layers; the dense front and depthwise convs keep 4.
     assert by[("int4+2:4", "qat")]["bits_per_weight"] == pytest.approx(3.0, abs=0.05)
+
+
+def test_ptq_runs_no_steps_and_qat_the_fine_tuning_budget(demo_study):
+    steps = {sub: _json(demo_study.wd / sub / "eval.json")["step"] for sub in ("float", "ptq/int8", "qat/int8")}
+    assert steps == {"float": 4, "ptq/int8": 0, "qat/int8": 2}
+
+
+def test_compressed_exports_are_smaller(demo_study):
+    by = _by(demo_study.rows)
+
     def stored(name, m):  # model bytes less the Orbax/OCDBT container's bookkeeping
-        size = json.loads((wd / f"{m}/{name}/export/size.json").read_text())
+        size = _json(demo_study.wd / f"{m}/{name}/export/size.json")
         return size["model_bytes"] - size["bytes"]["container"]
 
     for m in ("ptq", "qat"):
         assert by[("int8", m)]["size_ratio"] < by[("float", "float")]["size_ratio"]
-        # The container's bytes vary with write timing (41-123 KB measured for this
-        # 96K-parameter model, more than the int8 vs int4+2:4 payload gap): compare the rest.
+        # The container's bytes vary with write timing, by more than the int8 vs
+        # int4+2:4 payload gap of this small model: compare the rest.
         assert stored("int4+2:4", m) < stored("int8", m)
-    # PTQ is the float model compressed without steps; QAT ran the fine-tuning budget.
-    assert json.loads((wd / "ptq/int8/eval.json").read_text())["step"] == 0
-    assert json.loads((wd / "qat/int8/eval.json").read_text())["step"] == 2
-    assert json.loads((wd / "float/eval.json").read_text())["step"] == 4
 
-    report = (wd / "report.md").read_text()
-    assert "| setting | bits/weight | size % of fp32 | float WER % | PTQ WER % | QAT WER %" in report
-    # 3 bits for the pruned layers; the dense front and depthwise convs keep 4.
-    assert "| int4+2:4 | 3.0" in report and "9.4 %" in report and "Status: complete" in report
-    assert (wd / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The dev split's table: the same layout, its own WERs and regressions.
-    dev_table = report.split("## The dev split")[1].split("## Run costs")[0]
-    base_dev = by[("float", "float")]["dev_wer"]
-    assert f"| float | 32 | {100 * by[('float', 'float')]['size_ratio']:.2f} | {100 * base_dev:.2f} |" in dev_table
-    assert f"| {100 * by[('int8', 'qat')]['dev_wer']:.2f} |" in dev_table
-    out = capsys.readouterr().out
-    assert "[qat int4+2:4 6/6] step 2/2" in out  # training progress carries the label
-    assert "| setting | bits/weight |" in out  # the final table
-    done = json.loads((wd / "qat/int4+2:4/done.json").read_text())
+
+def test_study_writes_report_plot_and_progress(demo_study):
+    report = (demo_study.wd / "report.md").read_text()
+    assert "Status: complete" in report and "## The dev split" in report
+    assert (demo_study.wd / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[qat int4+2:4 6/6] step 2/2" in demo_study.out  # training progress carries the label
+    assert "| setting | bits/weight |" in demo_study.out  # the final table
+
+
+def test_done_json_has_compile_time_and_run_config_rebuilds_the_run(demo_study):
+    run_dir = demo_study.wd / "qat/int4+2:4"
+    done = _json(run_dir / "done.json")
     assert done["timing"]["compile"]["train_step_seconds"] > 0
     # run_config.txt rebuilds the run's config (`usmqs evaluate/export --workdir RUN`).
-    saved_spec, saved_overrides = json.loads((wd / "qat/int4+2:4/run_config.txt").read_text())
+    saved_spec, saved_overrides = _json(run_dir / "run_config.txt")
     rebuilt = config_lib.load_config(saved_spec)
     config_lib.apply_overrides(rebuilt, saved_overrides)
-    assert study.run_identity(rebuilt, wd) == done["config"]
+    assert study.run_identity(rebuilt, demo_study.wd) == done["config"]
 
-    # Rerun: nothing is redone.
+
+def test_a_rerun_redoes_nothing(demo_study, capsys):
+    wd = demo_study.wd
     before = _mtimes(wd)
     assert len(before) == 6
-    assert study.run_study(cfg, wd) == rows
+    assert study.run_study(demo_study.cfg, wd) == _json(wd / "results.json")
     assert _mtimes(wd) == before
     assert capsys.readouterr().out.count("done earlier") == 6
 
-    # Interrupted after its first fine-tuning checkpoint: resumes from it, alone.
+
+def test_a_finished_run_with_another_config_is_an_error(demo_study):
+    cfg = copy.deepcopy(demo_study.cfg)
+    config_lib.apply_overrides(cfg, ["study.finetune.learning_rate=0.01"])
+    with pytest.raises(study.StudyError, match=r"qat/float finished with another config \(train.learning_rate"):
+        study.run_study(cfg, demo_study.wd)
+
+
+def test_an_interrupted_moved_study_resumes_from_its_checkpoint(demo_study, tmp_path):
+    # A copy elsewhere: paths inside the study folder are relative to it in the records.
+    wd = tmp_path / "moved"
+    shutil.copytree(demo_study.wd, wd, ignore=shutil.ignore_patterns(".*.tmp*"))  # not outputs being written
     run_dir = wd / "qat/int4+2:4"
+    before = _mtimes(wd)
     (run_dir / "done.json").unlink()
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["1", "2"]
     shutil.rmtree(ckpts / "2")
-    rows = study.run_study(cfg, wd)
+    study.run_study(demo_study.cfg, wd)
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 2]  # step 1 was not trained again
     after = _mtimes(wd)
     assert after.pop("qat/int4+2:4/done.json") != before.pop("qat/int4+2:4/done.json")
     assert after == before
-    resumed = json.loads((run_dir / "done.json").read_text())["timing"]["compile"]
+    resumed = _json(run_dir / "done.json")["timing"]["compile"]
     assert resumed["cache_hits"] > 0  # the persistent compilation cache served its programs
 
-    # A finished run with another config is an error, not a silent mix of experiments.
-    config_lib.apply_overrides(cfg, ["study.finetune.learning_rate=0.01"])
-    with pytest.raises(study.StudyError, match="train.learning_rate"):
-        study.run_study(cfg, wd)
 
-
-def test_fine_tuning_seeds_plan_rows_table_and_plot(tmp_path):
-    cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}:settings=int4+2:4")
-    cfg.seed = 10
-    cfg.study.finetune_seeds = 3
-    R, QAT = study.StudyRun, study.Method.QAT
-    runs = study.plan(cfg)
-    # A complete single-seed table first, then the other seeds.
-    assert [r.tag for r in runs] == [
-        "float float", "ptq int4+2:4", "qat float", "qat int4+2:4",
-        "qat float seed1", "qat int4+2:4 seed1", "qat float seed2", "qat int4+2:4 seed2",
-    ]
-    assert [r.subdir for r in runs[3:6]] == ["qat/int4+2:4", "qat_seed1/float", "qat_seed1/int4+2:4"]
-    wd = tmp_path.absolute()
-    assert "seed=11" in study.run_overrides(cfg, R(QAT, "int4+2:4", 1), wd)
-    assert not any(o.startswith("seed=") for o in study.run_overrides(cfg, R(QAT, "int4+2:4"), wd))
-    assert study.run_config(cfg, R(QAT, "float", 2), wd).seed == 12
-
-    def rec(wer, dev):
-        return {**_record(wer, 400, 3.0), "dev": {"wer": dev}}
-
-    records = {study.BASELINE: rec(0.20, 0.10), R(study.Method.PTQ, "int4+2:4"): rec(0.8, 0.7)}
-    for seed, (wer, dev) in enumerate([(0.24, 0.11), (0.26, 0.12), (0.25, 0.13)]):
-        records[R(QAT, "int4+2:4", seed)] = rec(wer, dev)
-    rows = study_report.result_rows(records)
-    assert [(r["name"], r["method"]) for r in rows] == [("float", "float"), ("int4+2:4", "ptq"), ("int4+2:4", "qat")]
-    qat = rows[-1]
-    assert qat["wer_seeds"] == [0.24, 0.26, 0.25] and qat["dev_wer_seeds"] == [0.11, 0.12, 0.13]
-    assert qat["wer"] == pytest.approx(0.25) and qat["dev_wer"] == pytest.approx(0.12)
-    assert qat["rel_wer_regression"] == pytest.approx(0.25)  # of the mean
-    table = study_report.format_table(rows)
-    assert "| int4+2:4 | 3 | 10.00 | 20.00 | 80.00 | 25.00 ± 1.00 | +300.0 | +25.0 |" in table
-    dev_table = study_report.format_table(study_report.dev_rows(rows))
-    assert "| int4+2:4 | 3 | 10.00 | 10.00 | 70.00 | 12.00 ± 1.00 | +600.0 | +20.0 |" in dev_table
-    assert study_report.rel_regression_sd(qat, 0.20) == pytest.approx(5.0)  # 1 point sd of a 20 % WER
-    study_report.write_report(tmp_path / "report.md", rows, records, cfg, runs)
-    assert "3 fine-tuning seeds each (seed 10 ... 12)" in (tmp_path / "report.md").read_text()
-    study_report.plot_pareto(tmp_path / "pareto.png", rows)
-    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-    cfg.study.finetune_seeds = 0
-    with pytest.raises(ValueError, match="study.finetune_seeds"):
-        study.validate_study_config(cfg)
+# ------------------------------------------------------------------ further training
 
 
 def test_a_second_fine_tuning_seed_trains_its_own_run(small_corpus, tmp_path, jax_cache):
-    spec = f"{ROOT / 'configs/study_demo.py'}:settings=int8"
+    spec = f"{DEMO}:settings=int8"
     cfg, _ = _study_config(
         spec, jax_cache,
         f"data.train_manifest={small_corpus['train']}", f"data.eval_manifest={small_corpus['test']}",
@@ -207,9 +237,9 @@ def test_a_second_fine_tuning_seed_trains_its_own_run(small_corpus, tmp_path, ja
         for sub in ("qat/int8", "qat_seed1/int8")
     }
     assert losses["qat/int8"] != losses["qat_seed1/int8"]  # other batches, other noise
-    assert json.loads((wd / "qat_seed1/int8/config.json").read_text())["seed"] == cfg.seed + 1
+    assert _json(wd / "qat_seed1/int8/config.json")["seed"] == cfg.seed + 1
     qat = next(r for r in rows if r["method"] == "qat")
-    wers = [json.loads((wd / sub / "eval.json").read_text())["wer"] for sub in ("qat/int8", "qat_seed1/int8")]
+    wers = [_json(wd / sub / "eval.json")["wer"] for sub in ("qat/int8", "qat_seed1/int8")]
     assert qat["wer_seeds"] == wers and qat["wer"] == pytest.approx(sum(wers) / 2)
 
 
@@ -229,7 +259,19 @@ def _fake_librispeech(root: pathlib.Path) -> None:
             (folder / f"{speaker}-100.trans.txt").write_text("\n".join(lines) + "\n")
 
 
-def test_librispeech_config_dry_run(tmp_path, jax_cache):
+def test_librispeech_config():
+    spec = f"{ROOT / 'configs/study_librispeech.py'}:train=/ls/train.jsonl,eval=/ls/dev.jsonl,settings=int8"
+    full = config_lib.load_config(spec)
+    assert full.model.num_layers == 16 and full.model.model_dim == 256  # conformer_m
+    assert full.data.num_mel_bins == 80 and full.study.finetune_steps < full.train.num_steps
+    assert full.study.settings == ("int8",)
+    assert (full.data.train_manifest, full.data.eval_manifest, full.data.dev_manifest) == (
+        "/ls/train.jsonl", "/ls/dev.jsonl", ""
+    )
+    assert config_lib.load_config(f"{spec},dev=/ls/d.jsonl").data.dev_manifest == "/ls/d.jsonl"
+
+
+def test_librispeech_study_dry_run_checks_the_packed_exports(tmp_path, jax_cache):
     from usmqs.data.librispeech import import_librispeech
 
     _fake_librispeech(tmp_path / "LibriSpeech")
@@ -238,143 +280,104 @@ def test_librispeech_config_dry_run(tmp_path, jax_cache):
         f"{ROOT / 'configs/study_librispeech.py'}:train={manifests['train-clean-100']},"
         f"eval={manifests['dev-clean']},settings=int8"
     )
-    full = config_lib.load_config(spec)
-    assert full.model.num_layers == 16 and full.model.model_dim == 256  # conformer_m
-    assert full.data.num_mel_bins == 80 and full.study.finetune_steps < full.train.num_steps
-    assert full.study.settings == ("int8",)
-    assert config_lib.load_config(f"{spec},dev={manifests['dev-clean']}").data.dev_manifest == str(manifests["dev-clean"])
-
     cfg, _ = _study_config(
         spec, jax_cache, "train.num_steps=2", "train.checkpoint_every=2",
         "study.finetune_steps=1", "study.finetune.warmup_steps=1", "study.float_control=False",
         "data.num_workers=0", "study.eval_export=True",
     )
-    rows = study.run_study(cfg, tmp_path / "study")
-    # The packed export of every run decodes to the checkpoint's WER.
+    wd = tmp_path / "study"
+    rows = study.run_study(cfg, wd)
+    assert [(r["name"], r["method"]) for r in rows] == [("float", "float"), ("int8", "ptq"), ("int8", "qat")]
+    # The packed export of every run decodes to the checkpoint's WER, and report.md says so.
     for sub in ("float", "ptq/int8", "qat/int8"):
-        done = json.loads((tmp_path / "study" / sub / "done.json").read_text())
+        done = _json(wd / sub / "done.json")
         assert done["export_wer"] == done["eval"]["wer"]
-    assert [(r["name"], r["method"]) for r in rows] == [
-        ("float", "float"), ("int8", "ptq"), ("int8", "qat")
-    ]
-    assert (tmp_path / "study/pareto.png").is_file() and (tmp_path / "study/report.md").is_file()
+    assert "decoded from its packed export, every run gives the same WER" in (wd / "report.md").read_text()
 
 
-# ----------------------------------------------------------------------- fast checks
+# ------------------------------------------------------------------- plan and configs
 
 
-def _record(wer: float, model_bytes: int, bpw: float | None) -> dict:
-    return {
-        "eval": {"wer": wer, "num_words": 100},
-        "dev": None,
-        "export_wer": None,
-        "size": {
-            "model_bytes": model_bytes, "size_ratio": model_bytes / 4000, "num_params": 1000,
-            "fp32_bytes": 4000, "compressed_layers_bits_per_weight_no_scales": bpw,
-        },
-        "timing": {"steps": 1, "train_eval_seconds": 1.0, "export_seconds": 0.1,
-                   "compile": {"total_seconds": 1.0, "train_step_seconds": 0.5, "cache_hits": 0, "cache_misses": 1}},
-    }
-
-
-def test_rows_report_and_plot_from_records(tmp_path):
-    R = study.StudyRun
-    records = {
-        R(study.Method.QAT, "int4+2:4"): _record(0.25, 400, 3.0),
-        study.BASELINE: _record(0.20, 4100, None),
-        R(study.Method.PTQ, "int4+2:4"): _record(0.80, 400, 3.0),
-        R(study.Method.PTQ, "int2"): _record(3.0, 300, 2.0),
-    }
-    rows = study_report.result_rows(records)
-    assert [(r["name"], r["method"]) for r in rows] == [
-        ("float", "float"), ("int2", "ptq"), ("int4+2:4", "ptq"), ("int4+2:4", "qat")
-    ]
-    by = {(r["name"], r["method"]): r for r in rows}
-    assert by[("int4+2:4", "qat")]["rel_wer_regression"] == pytest.approx(0.25)
-    assert by[("int2", "ptq")]["rel_wer_regression"] == pytest.approx(14.0)
-    assert by[("int2", "ptq")] == {
-        "name": "int2", "method": "ptq", "weight_bits": 2, "sparsity": None, "bits_per_weight": 2.0,
-        "size_bytes": 300, "size_ratio": 0.075, "wer": 3.0, "rel_wer_regression": pytest.approx(14.0),
-        "dev_wer": None,  # the records have no dev split
-        "wer_seeds": [3.0], "dev_wer_seeds": [],
-    }
-    assert by[("float", "float")]["bits_per_weight"] == 32.0
-    table = study_report.format_table(rows)
-    assert "| int4+2:4 | 3 | 10.00 | 20.00 | 80.00 | 25.00 | +300.0 | +25.0 |" in table
-    assert "| int2 | 2 | 7.50 | 20.00 | 300.00 | — | +1400.0 | — |" in table
-    cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}:settings=int2/int4+2:4")
-    study_report.write_report(tmp_path / "report.md", rows, records, cfg, study.plan(cfg))
-    report = (tmp_path / "report.md").read_text()
-    assert "partial: 4/6 runs finished" in report and "| qat float | pending |" in report
-    assert "## The dev split" not in report and study_report.dev_rows(rows) == []
-    study_report.plot_pareto(tmp_path / "pareto.png", rows)  # symlog y: int2 PTQ is +1400 %
-    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-    # A float WER of 0 leaves the relative regression undefined, not infinite.
-    assert study_report.rel_regression(0.1, 0.0) is None
-
-    # A partial study never reaches the README; a complete one replaces the marked block.
-    readme = tmp_path / "README.md"
-    original = f"# x\n\nbefore\n{study_report.README_BEGIN}\nold table\n{study_report.README_END}\nafter\n"
-    readme.write_text(original)
-    with pytest.raises(ValueError, match="not a complete study"):
-        study_report.update_readme(readme, tmp_path)
-    assert readme.read_text() == original
-    cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}:settings=int2/int4+2:4")
-    cfg.study.float_control = False
-    records.pop(R(study.Method.QAT, "int4+2:4"))
-    records[R(study.Method.QAT, "int2")] = _record(0.5, 300, 2.0)
-    records[R(study.Method.QAT, "int4+2:4")] = _record(0.25, 400, 3.0)
-    study_report.write_outputs(tmp_path, records, cfg, study.plan(cfg))
-    image = study_report.update_readme(readme, tmp_path)
-    text = readme.read_text()
-    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{study_report.README_END}\nafter\n")
-    assert "old table" not in text and "| int4+2:4 | 3 | 10.00 |" in text
-    assert f"![pareto](docs/{tmp_path.name}_pareto.png)" in text
-    assert image.read_bytes() == (tmp_path / "pareto.png").read_bytes()
-    readme.write_text("no markers")
-    with pytest.raises(ValueError, match="needs exactly one"):
-        study_report.update_readme(readme, tmp_path)
-
-
-def test_plan_overrides_and_validation(tmp_path):
-    cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}")
+def test_plan_of_the_paper_settings(tmp_path):
+    cfg = config_lib.load_config(f"{DEMO}")
     assert cfg.study.settings == study.PAPER_SETTINGS
     runs = study.plan(cfg)
-    assert len(runs) == 22 and runs[0] == study.BASELINE
+    # baseline, ten PTQ (a first picture early), the float control, ten QAT
+    assert len(runs) == 22 and runs[0] == study.BASELINE and runs[11] == R(QAT, "float")
     assert [r.subdir for r in runs[1:3]] == ["ptq/int8", "ptq/int4"]
-    assert study.StudyRun(study.Method.QAT, "float") in runs
-    qat = study.run_config(cfg, study.StudyRun(study.Method.QAT, "int4+2:4"), tmp_path)
+
+
+def test_plan_with_fine_tuning_seeds(tmp_path):
+    cfg = config_lib.load_config(f"{DEMO}:settings=int4+2:4")
+    cfg.seed = 10
+    cfg.study.finetune_seeds = 3
+    runs = study.plan(cfg)
+    # A complete single-seed table first, then the other seeds.
+    assert [r.tag for r in runs] == [
+        "float float", "ptq int4+2:4", "qat float", "qat int4+2:4",
+        "qat float seed1", "qat int4+2:4 seed1", "qat float seed2", "qat int4+2:4 seed2",
+    ]
+    assert [r.subdir for r in runs[3:6]] == ["qat/int4+2:4", "qat_seed1/float", "qat_seed1/int4+2:4"]
+    wd = tmp_path.absolute()
+    assert "seed=11" in study.run_overrides(cfg, R(QAT, "int4+2:4", 1), wd)
+    assert not any(o.startswith("seed=") for o in study.run_overrides(cfg, R(QAT, "int4+2:4"), wd))
+    assert study.run_config(cfg, R(QAT, "float", 2), wd).seed == 12
+
+
+def test_run_config_of_ptq_and_qat(tmp_path):
+    cfg = config_lib.load_config(f"{DEMO}")
+    qat = study.run_config(cfg, R(QAT, "int4+2:4"), tmp_path)
     assert qat.policy.name == "int4+2:4" and qat.init_from == str(tmp_path / "float")
     assert qat.train.num_steps == cfg.study.finetune_steps
     assert qat.train.learning_rate == cfg.study.finetune.learning_rate < cfg.train.learning_rate
     assert qat.data.cache_dir == str(tmp_path / "data_cache")
-    ptq = study.run_config(cfg, study.StudyRun(study.Method.PTQ, "int8"), tmp_path)
+    ptq = study.run_config(cfg, R(PTQ, "int8"), tmp_path)
     assert ptq.train.num_steps == 0 and ptq.train.learning_rate == cfg.train.learning_rate
+
+
+def test_run_identity(tmp_path):
+    cfg = config_lib.load_config(f"{DEMO}")
+    qat = study.run_config(cfg, R(QAT, "int4+2:4"), tmp_path)
+    ptq = study.run_config(cfg, R(PTQ, "int8"), tmp_path)
     assert study.run_identity(ptq) != study.run_identity(qat)
     assert "label" not in study.run_identity(ptq)
+    assert not any(k.startswith("study.") for k in study.run_identity(ptq))
     # Paths inside the study folder are relative, so a moved study still resumes.
     assert study.run_identity(qat, tmp_path)["init_from"] == "WORKDIR/float"
 
-    for bad, match in (
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
         (["study.settings=('int3',)"], "unknown policy names"),
         (["study.settings=('float', 'int8')"], "always runs"),
-        (["study.finetune_steps=0"], "positive int"),
-    ):
-        c = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}")
-        config_lib.apply_overrides(c, bad)
-        with pytest.raises(ValueError, match=match):
-            study.validate_study_config(c)
-    c = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}")
-    with c.study.finetune.unlocked():
-        c.study.finetune.learning_rte = 1e-4
-    with pytest.raises(ValueError, match="learning_rte"):
+        (["study.settings=('int8', 'int8')"], "duplicates"),
+        (["study.finetune_steps=0"], "study.finetune_steps must be a positive int"),
+        (["study.finetune_seeds=0"], "study.finetune_seeds must be a positive int"),
+    ],
+)
+def test_invalid_study_configs(bad, match):
+    c = config_lib.load_config(f"{DEMO}")
+    config_lib.apply_overrides(c, bad)
+    with pytest.raises(ValueError, match=match):
         study.validate_study_config(c)
-    # The command line reaches the same checks before any work.
+
+
+@pytest.mark.parametrize("key", ["learning_rte", "num_steps"])
+def test_a_fine_tuning_key_that_is_no_train_key_is_an_error(key):
+    c = config_lib.load_config(f"{DEMO}")
+    with c.study.finetune.unlocked():
+        c.study.finetune[key] = 1
+    with pytest.raises(ValueError, match=f"study.finetune: \\['{key}'\\] are not config.train keys"):
+        study.validate_study_config(c)
+
+
+def test_the_command_line_validates_before_any_work(tmp_path):
     from usmqs import cli
 
     with pytest.raises(ValueError, match="unknown policy names"):
-        cli.main(["study", "--config", f"{ROOT / 'configs/study_demo.py'}:settings=int3",
-                  "--workdir", str(tmp_path / "cli")])
+        cli.main(["study", "--config", f"{DEMO}:settings=int3", "--workdir", str(tmp_path / "cli")])
+    assert not (tmp_path / "cli").exists()
 
 
 def test_compilation_cache_is_scoped(tmp_path):
@@ -392,12 +395,12 @@ def test_full_recipe_fine_tunes_a_quarter_of_tiny_with_distillation(tmp_path):
     from usmqs.compress.policy import policy_from_config
 
     tiny = config_lib.load_config(f"{ROOT / 'configs/tiny.py'}")
-    cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}:full,settings=int4+2:4")
+    cfg = config_lib.load_config(f"{DEMO}:full,settings=int4+2:4")
     study.validate_study_config(cfg)
     assert cfg.train.num_steps == tiny.train.num_steps == 4 * cfg.study.finetune_steps
     assert cfg.study.settings == ("int4+2:4",)
     for name in ("int4+2:4", "float"):  # the float control gets the same recipe
-        qat = study.run_config(cfg, study.StudyRun(study.Method.QAT, name), tmp_path)
+        qat = study.run_config(cfg, R(QAT, name), tmp_path)
         assert qat.train.num_steps == tiny.train.num_steps // 4
         assert qat.train.learning_rate == tiny.train.learning_rate / 2
         assert qat.train.distill_weight == 0.5 and train.distills(qat)
@@ -405,32 +408,166 @@ def test_full_recipe_fine_tunes_a_quarter_of_tiny_with_distillation(tmp_path):
         spec = policy_from_config(qat.policy).resolve("blocks/ffn1/w_in")
         assert spec.runtime and spec.prune_grad.value == "srste" and spec.mask_schedule.every == 50
     assert study_report.named_pruning(cfg) == {"mask_every": 50, "prune_grad": "srste"}  # in report.md
-    assert study_report.named_pruning(config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}")) == {}
+    assert study_report.named_pruning(config_lib.load_config(f"{DEMO}")) == {}
     baseline = study.run_config(cfg, study.BASELINE, tmp_path)
     assert not train.distills(baseline) and baseline.train.learning_rate == tiny.train.learning_rate
 
 
-def test_report_says_only_what_the_study_checked(tmp_path):
-    R, PTQ, QAT = study.StudyRun, study.Method.PTQ, study.Method.QAT
-    cfg = config_lib.load_config(f"{ROOT / 'configs/study_demo.py'}:settings=int2")
-    records = {study.BASELINE: _record(0.20, 4100, None), R(PTQ, "int2"): _record(3.0, 300, 2.0)}
+# ------------------------------------------------------ the report, from hand-made records
 
-    def header(records):
-        rows = study_report.result_rows(records)
-        study_report.write_report(tmp_path / "report.md", rows, records, cfg, study.plan(cfg))
-        report = (tmp_path / "report.md").read_text()
-        return report.split("\n\n")[1], "float control" in report
 
-    # No packed-export check (study.eval_export off) and no float control yet: not a word.
-    assert header(records)[0].endswith("(greedy decoding).") and header(records)[1] is False
-    checked = {run: {**rec, "export_wer": rec["eval"]["wer"]} for run, rec in records.items()}
-    checked[R(QAT, "float")] = {**_record(0.19, 4100, None), "export_wer": 0.18}
-    text, control = header(checked)
-    assert control and text.endswith(
-        "(greedy decoding; decoded from their packed exports (3 of 3 runs checked), the WER "
-        "differs for qat float (18.00 % from the export))."
+def _record(wer: float, model_bytes: int, bpw: float | None, *, dev=None, export_wer=None) -> dict:
+    """A done.json record as the report reads it (4000 fp32 bytes, 100 eval words)."""
+    return {
+        "eval": {"wer": wer, "num_words": 100},
+        "dev": None if dev is None else {"wer": dev},
+        "export_wer": export_wer,
+        "size": {
+            "model_bytes": model_bytes, "size_ratio": model_bytes / 4000, "num_params": 1000,
+            "fp32_bytes": 4000, "compressed_layers_bits_per_weight_no_scales": bpw,
+        },
+        "timing": {"steps": 1, "train_eval_seconds": 1.0, "export_seconds": 0.1,
+                   "compile": {"total_seconds": 1.0, "train_step_seconds": 0.5, "cache_hits": 0, "cache_misses": 1}},
+    }
+
+
+def _records() -> dict:
+    """A partial study of int2 and int4+2:4: baseline, both PTQ, one QAT (no control)."""
+    return {
+        R(QAT, "int4+2:4"): _record(0.25, 400, 3.0),
+        study.BASELINE: _record(0.20, 4100, None),
+        R(PTQ, "int4+2:4"): _record(0.80, 400, 3.0),
+        R(PTQ, "int2"): _record(3.0, 300, 2.0),
+    }
+
+
+def _seed_records() -> dict:
+    """Baseline, PTQ and three QAT seeds of int4+2:4, with dev WERs."""
+    records = {study.BASELINE: _record(0.20, 400, 3.0, dev=0.10), R(PTQ, "int4+2:4"): _record(0.8, 400, 3.0, dev=0.7)}
+    for seed, (wer, dev) in enumerate([(0.24, 0.11), (0.26, 0.12), (0.25, 0.13)]):
+        records[R(QAT, "int4+2:4", seed)] = _record(wer, 400, 3.0, dev=dev)
+    return records
+
+
+def _report(tmp_path, records, spec=f"{DEMO}:settings=int2/int4+2:4", **study_keys) -> str:
+    cfg = config_lib.load_config(spec)
+    for k, v in study_keys.items():
+        cfg.study[k] = v
+    rows = study_report.result_rows(records)
+    study_report.write_report(tmp_path / "report.md", rows, records, cfg, study.plan(cfg))
+    return (tmp_path / "report.md").read_text()
+
+
+def test_result_rows_from_records():
+    rows = study_report.result_rows(_records())
+    assert [(r["name"], r["method"]) for r in rows] == [
+        ("float", "float"), ("int2", "ptq"), ("int4+2:4", "ptq"), ("int4+2:4", "qat")
+    ]
+    by = _by(rows)
+    assert by[("int4+2:4", "qat")]["rel_wer_regression"] == pytest.approx(0.25)
+    assert by[("int2", "ptq")] == {
+        "name": "int2", "method": "ptq", "weight_bits": 2, "sparsity": None, "bits_per_weight": 2.0,
+        "size_bytes": 300, "size_ratio": 0.075, "wer": 3.0, "rel_wer_regression": pytest.approx(14.0),
+        "dev_wer": None,  # the records have no dev split
+        "wer_seeds": [3.0], "dev_wer_seeds": [],
+    }
+    assert by[("float", "float")]["bits_per_weight"] == 32.0
+
+
+def test_a_float_wer_of_zero_leaves_the_regression_undefined():
+    assert study_report.rel_regression(0.1, 0.0) is None
+
+
+def test_table_has_a_line_per_setting():
+    table = study_report.format_table(study_report.result_rows(_records()))
+    assert "| int4+2:4 | 3 | 10.00 | 20.00 | 80.00 | 25.00 | +300.0 | +25.0 |" in table
+    assert "| int2 | 2 | 7.50 | 20.00 | 300.00 | — | +1400.0 | — |" in table
+
+
+def test_fine_tuning_seeds_are_averaged():
+    rows = study_report.result_rows(_seed_records())
+    assert [(r["name"], r["method"]) for r in rows] == [("float", "float"), ("int4+2:4", "ptq"), ("int4+2:4", "qat")]
+    qat = rows[-1]
+    assert qat["wer_seeds"] == [0.24, 0.26, 0.25] and qat["dev_wer_seeds"] == [0.11, 0.12, 0.13]
+    assert qat["wer"] == pytest.approx(0.25) and qat["dev_wer"] == pytest.approx(0.12)
+    assert qat["rel_wer_regression"] == pytest.approx(0.25)  # of the mean
+    table = study_report.format_table(rows)
+    assert "| int4+2:4 | 3 | 10.00 | 20.00 | 80.00 | 25.00 ± 1.00 | +300.0 | +25.0 |" in table
+    assert study_report.rel_regression_sd(qat, 0.20) == pytest.approx(5.0)  # 1 point sd of a 20 % WER
+
+
+def test_report_of_a_partial_study(tmp_path):
+    report = _report(tmp_path, _records())
+    assert "Status: partial: 4/6 runs finished." in report
+    assert "| qat float | pending |" in report and "| qat int4+2:4 | 1 | 1.0 | 0.1 | 1.0 | 0.5 | 0/1 |" in report
+    assert "## The dev split" not in report  # the records have no dev split
+    assert study_report.format_table(study_report.result_rows(_records())) in report
+    # Against the paper: its point and this study's
+    assert "**9.4 % of the fp32 size at 7.3 % relative WER regression**" in report
+    assert "int4+2:4 after fine-tuning is 10.0 % of fp32 at +25.0 % relative regression (+300.0 % without" in report
+    assert "the eval set has 100 words, so one word is 1.00 % absolute WER" in report
+
+
+def test_report_names_the_seeds_and_shows_the_dev_split(tmp_path):
+    cfg_spec = f"{DEMO}:settings=int4+2:4"
+    report = _report(tmp_path, _seed_records(), cfg_spec, finetune_seeds=3)
+    assert "3 fine-tuning seeds each (seed 0 ... 2): QAT WER is their mean ± sample sd" in report
+    dev = report.split("## The dev split")[1].split("## Run costs")[0]
+    assert "| int4+2:4 | 3 | 10.00 | 10.00 | 70.00 | 12.00 ± 1.00 | +600.0 | +20.0 |" in dev
+
+
+def test_report_describes_the_float_control_only_when_it_ran(tmp_path):
+    assert "float control" not in _report(tmp_path, _records())
+    records = {**_records(), R(QAT, "float"): _record(0.19, 4100, None)}
+    report = _report(tmp_path, records)
+    assert "QAT of `float` is the float control" in report and "Compare each QAT row with the float control" in report
+
+
+def test_report_states_the_export_check_only_when_it_ran(tmp_path):
+    report = _report(tmp_path, _records())
+    assert "(greedy decoding)." in report and "export" not in report.split("\n\n")[1]
+    checked = {run: {**rec, "export_wer": rec["eval"]["wer"]} for run, rec in _records().items()}
+    assert "(greedy decoding; decoded from its packed export, every run gives the same WER)." in _report(tmp_path, checked)
+    checked[study.BASELINE] = {**checked[study.BASELINE], "export_wer": None}
+    assert "(greedy decoding; decoded from their packed exports, the runs checked (3 of 4) give the same WER)." in _report(
+        tmp_path, checked
     )
-    del checked[R(QAT, "float")]
-    assert header(checked)[0].endswith("(greedy decoding; decoded from its packed export, every run gives the same WER).")
-    checked[study.BASELINE] = records[study.BASELINE]
-    assert header(checked)[0].endswith("(greedy decoding; decoded from their packed exports, the runs checked (1 of 2) give the same WER).")
+    checked[R(PTQ, "int2")] = {**checked[R(PTQ, "int2")], "export_wer": 2.9}
+    assert (
+        "(greedy decoding; decoded from their packed exports (3 of 4 runs checked), the WER differs "
+        "for ptq int2 (290.00 % from the export))."
+    ) in _report(tmp_path, checked)
+
+
+def test_pareto_plot(tmp_path):
+    for name, records in (("symlog", _records()), ("seeds", _seed_records())):
+        # symlog y: int2 PTQ is +1400 %; seeds: error bars
+        study_report.plot_pareto(tmp_path / f"{name}.png", study_report.result_rows(records))
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_update_readme_replaces_only_a_complete_studys_block(tmp_path):
+    readme = tmp_path / "README.md"
+    original = f"# x\n\nbefore\n{study_report.README_BEGIN}\nold table\n{study_report.README_END}\nafter\n"
+    readme.write_text(original)
+    cfg = config_lib.load_config(f"{DEMO}:settings=int2/int4+2:4")
+    cfg.study.float_control = False
+    records = _records()
+    study_report.write_outputs(tmp_path, records, cfg, study.plan(cfg))
+    with pytest.raises(ValueError, match="not a complete study"):
+        study_report.update_readme(readme, tmp_path)
+    assert readme.read_text() == original
+
+    records[R(QAT, "int2")] = _record(0.5, 300, 2.0)
+    study_report.write_outputs(tmp_path, records, cfg, study.plan(cfg))
+    image = study_report.update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{study_report.README_END}\nafter\n")
+    assert "old table" not in text and "| int4+2:4 | 3 | 10.00 |" in text
+    assert "\n#### Run costs\n" in text and "# Compression study" not in text
+    assert f"![pareto](docs/{tmp_path.name}_pareto.png)" in text
+    assert image.read_bytes() == (tmp_path / "pareto.png").read_bytes()
+    assert _json(tmp_path / "results.json") == study_report.result_rows(records)
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="needs exactly one"):
+        study_report.update_readme(readme, tmp_path)
