@@ -64,7 +64,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import ml_collections
 
 from usmqs import config as config_lib
-from usmqs import study_report
+from usmqs import distributed, study_report
 from usmqs.compress.policy import NAMED_POLICIES
 
 # The ten settings of USM-Lite's study (Ding et al., ICASSP 2024), in the order of its table.
@@ -358,13 +358,6 @@ class CompileTimer:
 # ----------------------------------------------------------------------------- runs
 
 
-def _primary() -> bool:
-    """Whether this process writes the study's files (process 0 of a multi-process run)."""
-    import jax
-
-    return jax.process_index() == 0
-
-
 def load_done(run_dir: pathlib.Path, cfg=None, workdir=None) -> dict | None:
     """The run's done.json record, None if it has not finished.
 
@@ -393,7 +386,7 @@ def _execute(cfg, run: StudyRun, run_dir: pathlib.Path, workdir, *, record_spec=
     from usmqs import export as export_lib
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if record_spec is not None and _primary():
+    if record_spec is not None and distributed.is_primary():
         (run_dir / RUN_CONFIG_FILE).write_text(json.dumps(record_spec))
     t0 = time.perf_counter()
     with CompileTimer() as timer:
@@ -432,7 +425,7 @@ def _execute(cfg, run: StudyRun, run_dir: pathlib.Path, workdir, *, record_spec=
         },
         "config": run_identity(cfg, workdir),
     }
-    if _primary():  # written whole or not at all: its presence marks the run finished
+    if distributed.is_primary():  # written whole or not at all: its presence marks the run finished
         tmp = run_dir / f".{DONE_FILE}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, run_dir / DONE_FILE)
@@ -441,7 +434,7 @@ def _execute(cfg, run: StudyRun, run_dir: pathlib.Path, workdir, *, record_spec=
 
 def _write_outputs(workdir: pathlib.Path, records: Mapping[StudyRun, dict], config, runs) -> list[dict]:
     """results.json, report.md and pareto.png (process 0 writes them); returns the rows."""
-    if _primary():
+    if distributed.is_primary():
         return study_report.write_outputs(workdir, records, config, runs)
     return study_report.result_rows(records)
 

@@ -24,8 +24,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from usmqs.compress.policy import NAMED_POLICIES
-from usmqs.config import NAMED_PRUNING_DEFAULTS
+from usmqs.compress.policy import NAMED_POLICIES, NAMED_PRUNING_DEFAULTS
 
 # The paper's headline: int4 + 2:4 on the 2B USM = 9.4 % of the fp32 size (3 bits per
 # weight) at 7.3 % relative WER regression after quantization/sparsity-aware fine-tuning.
