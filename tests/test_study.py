@@ -100,7 +100,7 @@ def demo_study(small_corpus, tmp_path_factory, jax_cache):
             )
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
-                rows = study.run_study(cfg, wd, config_spec=spec, overrides=overrides)
+                rows = study.run_study(cfg, wd)
             made.write_text(json.dumps({"spec": spec, "overrides": overrides, "rows": rows, "out": out.getvalue()}))
     m = _json(made)
     cfg = config_lib.load_config(m["spec"])
@@ -172,15 +172,12 @@ def test_study_writes_report_plot_and_progress(demo_study):
     assert "| setting | bits/weight |" in demo_study.out  # the final table
 
 
-def test_done_json_has_compile_time_and_run_config_rebuilds_the_run(demo_study):
+def test_done_json_has_compile_time_and_the_run_dir_its_config(demo_study):
     run_dir = demo_study.wd / "qat/int4+2:4"
     done = _json(run_dir / "done.json")
     assert done["timing"]["compile"]["train_step_seconds"] > 0
-    # run_config.txt rebuilds the run's config (`usmqs evaluate/export --workdir RUN`).
-    saved_spec, saved_overrides = _json(run_dir / "run_config.txt")
-    rebuilt = config_lib.load_config(saved_spec)
-    config_lib.apply_overrides(rebuilt, saved_overrides)
-    assert study.run_identity(rebuilt, demo_study.wd) == done["config"]
+    # What `usmqs evaluate/export --workdir RUN` read: the run's own config.
+    assert study.run_identity(config_lib.load_saved(run_dir), demo_study.wd) == done["config"]
 
 
 def test_a_rerun_redoes_nothing(demo_study, capsys):

@@ -95,14 +95,9 @@ def cmd_compile(args, overrides):
 
 
 def cmd_study(args, overrides):
-    import pathlib
-
     from usmqs import study, study_report
 
-    cfg = _config(args, overrides)
-    path, sep, arg = args.config.partition(":")
-    spec = str(pathlib.Path(path).resolve()) + sep + arg
-    study.run_study(cfg, args.workdir, config_spec=spec, overrides=overrides)
+    study.run_study(_config(args, overrides), args.workdir)
     if getattr(args, "update_readme", None):
         study_report.update_readme(args.update_readme, args.workdir)
         print(f"updated the study section of {args.update_readme}", flush=True)

@@ -59,7 +59,7 @@ import json
 import os
 import pathlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 
 import ml_collections
 
@@ -73,7 +73,6 @@ PAPER_SETTINGS = (
     "int8+2:4", "int4+2:4", "int2+2:4", "int8+1:4", "int4+1:4",
 )
 DONE_FILE = "done.json"
-RUN_CONFIG_FILE = "run_config.txt"  # what `usmqs evaluate/export --workdir` rebuild from
 EVAL_KEYS = ("wer", "cer", "num_utterances", "num_words", "step")
 
 
@@ -380,14 +379,12 @@ def load_done(run_dir: pathlib.Path, cfg=None, workdir=None) -> dict | None:
     return record
 
 
-def _execute(cfg, run: StudyRun, run_dir: pathlib.Path, workdir, *, record_spec=None) -> dict:
+def _execute(cfg, run: StudyRun, run_dir: pathlib.Path, workdir) -> dict:
     """Train (resuming) + evaluate + export one run; write and return its done.json record."""
     from usmqs import train as train_lib
     from usmqs import export as export_lib
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if record_spec is not None and distributed.is_primary():
-        (run_dir / RUN_CONFIG_FILE).write_text(json.dumps(record_spec))
     t0 = time.perf_counter()
     with CompileTimer() as timer:
         metrics = train_lib.train_and_evaluate(cfg, run_dir)
@@ -445,19 +442,15 @@ def _write_outputs(workdir: pathlib.Path, records: Mapping[StudyRun, dict], conf
 def run_study(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
-    *,
-    config_spec: str | None = None,
-    overrides: Sequence[str] = (),
 ) -> list[dict]:
     """Run (or resume) the whole study in `workdir`; returns the results.json rows.
 
     Args:
       config: a study config (``configs/study_*.py``): the baseline's config plus a
         ``study`` block (`default_study_config`).
-      workdir: the study folder (layout in the module docstring).
-      config_spec, overrides: how `config` was made (``file.py:arg`` and the
-        ``--config.`` overrides); when given, each run dir gets a run_config.txt so
-        that ``usmqs evaluate/export --workdir RUN_DIR`` work without --config.
+      workdir: the study folder (layout in the module docstring). Each run dir holds
+        its resolved config (config.json, written by the training loop), so that
+        ``usmqs evaluate/export --workdir RUN_DIR`` work without --config.
     """
     validate_study_config(config)
     workdir = pathlib.Path(workdir).absolute()
@@ -491,10 +484,7 @@ def run_study(
                 Method.QAT: f"fine-tune the baseline, {cfg.train.num_steps} steps",
             }[run.method]
             print(f"[{label}] {what} -> {run_dir}", flush=True)
-            spec = None
-            if config_spec is not None:
-                spec = [config_spec, list(overrides) + run_overrides(config, run, workdir)]
-            record = _execute(cfg, run, run_dir, workdir, record_spec=spec)
+            record = _execute(cfg, run, run_dir, workdir)
             records[run] = record
             c = record["timing"]["compile"]
             print(
