@@ -19,7 +19,8 @@ study, usmqs/study_report.py renders them).
 
 Colon arguments (comma-separated): ``settings=A/B/...`` policy NAMEs separated by '/'
 (default: all ten); ``full``: the fully trained baseline (above); ``runlocal``: a
-minutes-long smoke run (few steps, two settings).
+minutes-long smoke run (few steps, two settings); ``micro``: configs/tiny.py's test-sized
+model.
 Single values: ``--config.train.num_steps=``, ``--config.study.finetune_steps=``,
 ``--config.study.finetune.learning_rate=``, ...
 
@@ -32,8 +33,7 @@ persistent compilation cache (``study.compile_cache_dir``).
 import importlib.util
 import pathlib
 
-from usmqs.config import parse_arg
-from usmqs.study import default_study_config
+from usmqs.config import parse_arg, study_config
 
 
 def _tiny_config(micro: bool):
@@ -51,7 +51,7 @@ def get_config(arg=None):
     c.policy.name = "float"
     c.train.num_steps = 1500  # the demo's time budget (module docstring)
 
-    c.study = default_study_config()
+    c.study = study_config()
     # A fifth of the baseline's steps (the issue allows a quarter) at half its peak LR:
     # eleven fine-tunes of 300 steps fit the 20-minute budget of `make demo` next to the
     # baseline. Measured from the same baseline (int4+2:4 QAT WER, baseline 17.41 %):

@@ -20,8 +20,7 @@ train-clean-100, ~55 GB for train-960). Conformer-S is about a third of that. Ev
 command after an interruption.
 """
 
-from usmqs.config import base_config, parse_arg
-from usmqs.study import default_study_config
+from usmqs.config import base_config, parse_arg, study_config
 
 
 def get_config(arg=None):
@@ -46,7 +45,7 @@ def get_config(arg=None):
     c.train.log_every = 100
     c.train.checkpoint_every = 2_000
 
-    c.study = default_study_config()
+    c.study = study_config()
     c.study.finetune_steps = 10_000
     c.study.finetune.learning_rate = 3e-4
     c.study.finetune.warmup_steps = 500

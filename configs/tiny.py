@@ -20,6 +20,9 @@ after 1500 steps unless stated; README "Measured"):
   on a quiet 2-core machine (5.2 steps/s). A wider model does not help: d=192 with FFN
   768 gave 17.8 % at 1500 steps for 1.37x the step time;
 * two length buckets (utterances are 0.7-3.9 s): two compiled train-step shapes.
+
+Colon arguments: ``policy=NAME`` (default float); ``micro``: the test-sized model (2
+layers, d=48, one length bucket) that the test suite trains.
 """
 
 from usmqs.config import base_config, parse_arg

@@ -9,12 +9,20 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-# configs/tiny.py:micro as overrides (tests/test_study.py still applies them).
-TINY_OVERRIDES = (
-    "data.batch_size=8", "data.vocab_size=40", "data.bucket_boundaries=(450,)", "data.max_frames=450",
-    "train.warmup_steps=2", "model.num_layers=2", "model.model_dim=48", "model.num_heads=2",
-    "model.ffn_dim=96", "model.subsample_channels=16", "model.conv_kernel_size=7", "mesh.data=1",
-)
+def micro_overrides() -> list[str]:
+    """``configs/tiny.py:micro`` as ``--config`` overrides (the keys where it differs from
+    configs/tiny.py), for configs that have no ``micro`` argument of their own."""
+    from usmqs import config as config_lib
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    tiny = flat(config_lib.load_config(str(ROOT / "configs/tiny.py")).to_dict())
+    micro = flat(config_lib.load_config(f"{ROOT / 'configs/tiny.py'}:micro").to_dict())
+    return [f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in micro.items() if tiny[k] != v]
 
 
 @pytest.fixture(scope="session")

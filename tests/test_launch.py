@@ -13,19 +13,14 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, micro_overrides
 
 LAUNCH = ROOT / "launch"
 NOTEBOOK = LAUNCH / "colab_demo.ipynb"
 TPU_VM = LAUNCH / "tpu_vm.sh"
 
-# conftest.tiny_config's model and data sizes as --config overrides (one compiled shape).
-TINY = [
-    "data.batch_size=8", "data.vocab_size=40", "data.bucket_boundaries=(400,)",
-    "data.max_frames=400", "train.warmup_steps=1", "train.log_every=1",
-    "model.num_layers=2", "model.model_dim=48", "model.num_heads=2", "model.ffn_dim=96",
-    "model.subsample_channels=16", "model.conv_kernel_size=7", "mesh.data=1",
-]
+# configs/tiny.py:micro's model and data sizes as --config overrides (one compiled shape).
+TINY = [*micro_overrides(), "data.bucket_boundaries=(400,)", "data.max_frames=400", "train.log_every=1"]
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in LAUNCH.glob("*.sh")))

@@ -11,7 +11,7 @@ The layering (lowest first; a module imports only from its own package or lower 
     run                                      what every command needs from a workdir
     evaluate                                 decoders, scoring, decoding a workdir's split
     train, export                            the loop; the packed export and serving
-    report                                   tables, plot, README block of a study
+    study_report                             rows, tables, plot, README block of a study
     study, compile                           the compression study; ahead-of-time compile
     cli                                      argument parsing
     __main__                                 `python -m usmqs`
@@ -32,7 +32,7 @@ LAYERS = (
     ("run",),
     ("evaluate",),
     ("train", "export"),
-    ("report",),
+    ("study_report",),
     ("study", "compile"),
     ("cli",),
     ("__main__",),

@@ -22,13 +22,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, TINY_OVERRIDES
+from conftest import ROOT, micro_overrides
 from usmqs import config as config_lib
 from usmqs import study, study_report
+from usmqs.compress.policy import PAPER_SETTINGS
 
-# conftest's test-sized model and data, as overrides of a study config.
+# configs/tiny.py:micro's model and data, as overrides of a study config.
 TINY = [
-    *TINY_OVERRIDES,
+    *micro_overrides(),
     "data.bucket_boundaries=(400,)",  # the study test's corpus copy fits one 400-frame bucket
     "data.max_frames=400",
     "train.log_every=1",
@@ -297,7 +298,7 @@ def test_librispeech_study_dry_run_checks_the_packed_exports(tmp_path, jax_cache
 
 def test_plan_of_the_paper_settings(tmp_path):
     cfg = config_lib.load_config(f"{DEMO}")
-    assert cfg.study.settings == study.PAPER_SETTINGS
+    assert cfg.study.settings == PAPER_SETTINGS
     runs = study.plan(cfg)
     # baseline, ten PTQ (a first picture early), the float control, ten QAT
     assert len(runs) == 22 and runs[0] == study.BASELINE and runs[11] == R(QAT, "float")
@@ -357,7 +358,7 @@ def test_invalid_study_configs(bad, match):
     c = config_lib.load_config(f"{DEMO}")
     config_lib.apply_overrides(c, bad)
     with pytest.raises(ValueError, match=match):
-        study.validate_study_config(c)
+        config_lib.validate(c)
 
 
 @pytest.mark.parametrize("key", ["learning_rte", "num_steps"])
@@ -366,7 +367,7 @@ def test_a_fine_tuning_key_that_is_no_train_key_is_an_error(key):
     with c.study.finetune.unlocked():
         c.study.finetune[key] = 1
     with pytest.raises(ValueError, match=f"study.finetune: \\['{key}'\\] are not config.train keys"):
-        study.validate_study_config(c)
+        config_lib.validate(c)
 
 
 def test_the_command_line_validates_before_any_work(tmp_path):
@@ -393,7 +394,7 @@ def test_full_recipe_fine_tunes_a_quarter_of_tiny_with_distillation(tmp_path):
 
     tiny = config_lib.load_config(f"{ROOT / 'configs/tiny.py'}")
     cfg = config_lib.load_config(f"{DEMO}:full,settings=int4+2:4")
-    study.validate_study_config(cfg)
+    config_lib.validate(cfg)
     assert cfg.train.num_steps == tiny.train.num_steps == 4 * cfg.study.finetune_steps
     assert cfg.study.settings == ("int4+2:4",)
     for name in ("int4+2:4", "float"):  # the float control gets the same recipe

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from usmqs import distributed, sharding
-from usmqs.compress.policy import NAMED_PRUNING_DEFAULTS, policy_from_config
+from usmqs.compress.policy import NAMED_POLICIES, NAMED_PRUNING_DEFAULTS, PAPER_SETTINGS, policy_from_config
 from usmqs.data import pipeline
 from usmqs.models import presets
 from usmqs.models.conformer import SUBSAMPLING_FACTOR
@@ -207,6 +207,48 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
 
 
 
+def study_config() -> ml_collections.ConfigDict:
+    """The ``config.study`` block every study config starts from."""
+    return ml_collections.ConfigDict(
+        dict(
+            # Policy NAMEs (`Policy.named`) to compress the baseline with; 'float' is not
+            # one of them: the baseline and the float control always run.
+            settings=PAPER_SETTINGS,
+            # Fine-tuning budget of every QAT run and of the float control.
+            finetune_steps=250,
+            # The fine-tuning recipe of the QAT runs: each key replaces config.train's;
+            # None keeps the float recipe's value.
+            finetune=ml_collections.ConfigDict(
+                dict(
+                    learning_rate=None,  # peak LR: a fraction of the float baseline's
+                    warmup_steps=None,  # short: the weights are already trained
+                    end_lr_ratio=None,
+                    weight_decay=None,
+                    grad_clip=None,
+                    distill_weight=None,  # > 0: distil from the baseline (train.py)
+                    distill_temperature=None,
+                    log_every=None,
+                    checkpoint_every=None,
+                )
+            ),
+            # Fine-tune the float baseline with the same recipe and budget (qat/float).
+            float_control=True,
+            # Fine-tunes per setting (and control), with seeds config.seed + 0 ... k-1
+            # (data order, SpecAugment, dropout): the table shows their mean ± sd. Seed
+            # k > 0 runs in qat_seed<k>/<NAME>.
+            finetune_seeds=1,
+            # Also decode every run from its packed export and check it gives the same WER.
+            eval_export=False,
+            # PTQ/QAT runs (and the float control) compile bits and N:M as runtime values
+            # (`policy.runtime`): one train-step and one eval-step program for all of them.
+            runtime_settings=True,
+            # JAX persistent compilation cache; '' = WORKDIR/.jax_cache.
+            compile_cache=True,
+            compile_cache_dir="~/.cache/usmqs/jax",
+        )
+    )
+
+
 # ---------------------------------------------------------------------------- validation
 
 
@@ -251,3 +293,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
         policy_from_config(config.policy)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from e
+    if "study" in config:
+        _validate_study(config)
+
+
+def _validate_study(config: ml_collections.ConfigDict) -> None:
+    """The ``study`` block (`study_config`) of a study config."""
+    s = config.study
+    settings = tuple(s.settings)
+    unknown = [n for n in settings if n not in NAMED_POLICIES]
+    if unknown:
+        raise ConfigError(
+            f"study.settings: unknown policy names {unknown}; known: {' '.join(NAMED_POLICIES)}"
+        )
+    if "float" in settings:
+        raise ConfigError("study.settings: 'float' always runs (baseline + control); leave it out")
+    if len(set(settings)) != len(settings):
+        raise ConfigError(f"study.settings has duplicates: {settings}")
+    if not isinstance(s.finetune_steps, int) or s.finetune_steps < 1:
+        raise ConfigError(f"study.finetune_steps must be a positive int, got {s.finetune_steps!r}")
+    seeds = s.finetune_seeds
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"study.finetune_seeds must be a positive int, got {seeds!r}")
+    bad = [k for k in s.finetune if k not in config.train or k == "num_steps"]
+    if bad:
+        raise ConfigError(
+            f"study.finetune: {bad} are not config.train keys (num_steps is study.finetune_steps)"
+        )
+    if config.policy.rules:
+        raise ConfigError("the study compresses with named policies: leave policy.rules empty")

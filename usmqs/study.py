@@ -65,13 +65,9 @@ import ml_collections
 
 from usmqs import config as config_lib
 from usmqs import distributed, study_report
-from usmqs.compress.policy import NAMED_POLICIES
+from usmqs import export as export_lib
+from usmqs import train as train_lib
 
-# The ten settings of USM-Lite's study (Ding et al., ICASSP 2024), in the order of its table.
-PAPER_SETTINGS = (
-    "int8", "int4", "int2", "2:4", "1:4",
-    "int8+2:4", "int4+2:4", "int2+2:4", "int8+1:4", "int4+1:4",
-)
 DONE_FILE = "done.json"
 EVAL_KEYS = ("wer", "cer", "num_utterances", "num_words", "step")
 
@@ -84,48 +80,6 @@ class Method(enum.StrEnum):
 
 class StudyError(RuntimeError):
     """A study that cannot go on as configured (changed config of a finished run, ...)."""
-
-
-def default_study_config() -> ml_collections.ConfigDict:
-    """The ``config.study`` block every study config starts from."""
-    return ml_collections.ConfigDict(
-        dict(
-            # Policy NAMEs (`Policy.named`) to compress the baseline with; 'float' is not
-            # one of them: the baseline and the float control always run.
-            settings=PAPER_SETTINGS,
-            # Fine-tuning budget of every QAT run and of the float control.
-            finetune_steps=250,
-            # The fine-tuning recipe of the QAT runs: each key replaces config.train's;
-            # None keeps the float recipe's value.
-            finetune=ml_collections.ConfigDict(
-                dict(
-                    learning_rate=None,  # peak LR: a fraction of the float baseline's
-                    warmup_steps=None,  # short: the weights are already trained
-                    end_lr_ratio=None,
-                    weight_decay=None,
-                    grad_clip=None,
-                    distill_weight=None,  # > 0: distil from the baseline (train.py)
-                    distill_temperature=None,
-                    log_every=None,
-                    checkpoint_every=None,
-                )
-            ),
-            # Fine-tune the float baseline with the same recipe and budget (qat/float).
-            float_control=True,
-            # Fine-tunes per setting (and control), with seeds config.seed + 0 ... k-1
-            # (data order, SpecAugment, dropout): the table shows their mean ± sd. Seed
-            # k > 0 runs in qat_seed<k>/<NAME>.
-            finetune_seeds=1,
-            # Also decode every run from its packed export and check it gives the same WER.
-            eval_export=False,
-            # PTQ/QAT runs (and the float control) compile bits and N:M as runtime values
-            # (`policy.runtime`): one train-step and one eval-step program for all of them.
-            runtime_settings=True,
-            # JAX persistent compilation cache; '' = WORKDIR/.jax_cache.
-            compile_cache=True,
-            compile_cache_dir="~/.cache/usmqs/jax",
-        )
-    )
 
 
 # ------------------------------------------------------------------------------ plan
@@ -151,35 +105,6 @@ class StudyRun:
 
 
 BASELINE = StudyRun(Method.FLOAT, "float")
-
-
-def validate_study_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError on a study config that cannot run (called by `run_study`)."""
-    if "study" not in config:
-        raise ValueError("config has no `study` block: start it from study.default_study_config()")
-    s = config.study
-    settings = tuple(s.settings)
-    unknown = [n for n in settings if n not in NAMED_POLICIES]
-    if unknown:
-        raise ValueError(
-            f"study.settings: unknown policy names {unknown}; known: {' '.join(NAMED_POLICIES)}"
-        )
-    if "float" in settings:
-        raise ValueError("study.settings: 'float' always runs (baseline + control); leave it out")
-    if len(set(settings)) != len(settings):
-        raise ValueError(f"study.settings has duplicates: {settings}")
-    if not isinstance(s.finetune_steps, int) or s.finetune_steps < 1:
-        raise ValueError(f"study.finetune_steps must be a positive int, got {s.finetune_steps!r}")
-    seeds = s.finetune_seeds
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"study.finetune_seeds must be a positive int, got {seeds!r}")
-    bad = [k for k in s.finetune if k not in config.train or k == "num_steps"]
-    if bad:
-        raise ValueError(
-            f"study.finetune: {bad} are not config.train keys (num_steps is study.finetune_steps)"
-        )
-    if config.policy.rules:
-        raise ValueError("the study compresses with named policies: leave policy.rules empty")
 
 
 def plan(config: ml_collections.ConfigDict) -> list[StudyRun]:
@@ -381,9 +306,6 @@ def load_done(run_dir: pathlib.Path, cfg=None, workdir=None) -> dict | None:
 
 def _execute(cfg, run: StudyRun, run_dir: pathlib.Path, workdir) -> dict:
     """Train (resuming) + evaluate + export one run; write and return its done.json record."""
-    from usmqs import train as train_lib
-    from usmqs import export as export_lib
-
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with CompileTimer() as timer:
@@ -447,12 +369,14 @@ def run_study(
 
     Args:
       config: a study config (``configs/study_*.py``): the baseline's config plus a
-        ``study`` block (`default_study_config`).
+        ``study`` block (`usmqs.config.study_config`).
       workdir: the study folder (layout in the module docstring). Each run dir holds
         its resolved config (config.json, written by the training loop), so that
         ``usmqs evaluate/export --workdir RUN_DIR`` work without --config.
     """
-    validate_study_config(config)
+    if "study" not in config:
+        raise config_lib.ConfigError("config has no `study` block: start it from usmqs.config.study_config()")
+    config_lib.validate(config)
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     runs = plan(config)

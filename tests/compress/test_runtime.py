@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import ROOT
 from usmqs import config as config_lib
 from usmqs import run, train
 from usmqs.compress import layers, masks, ops
@@ -22,13 +23,7 @@ VOCAB = 12
 
 
 def _model_cfg():
-    cfg = config_lib.base_config("tiny")
-    config_lib.apply_overrides(cfg, [
-        "model.num_layers=2", "model.model_dim=32", "model.num_heads=2", "model.ffn_dim=64",
-        "model.subsample_channels=8", "model.conv_kernel_size=5", "model.dropout=0.0",
-        "model.attention_dropout=0.0",
-    ])
-    return cfg.model
+    return config_lib.load_config(f"{ROOT / 'configs/tiny.py'}:micro").model
 
 
 def _logits(name: str, runtime: bool, x, mask):
@@ -143,12 +138,8 @@ def test_train_steps_of_different_settings_lower_to_the_same_program():
     """The study's claim: QAT of any setting (and the float control) is one compile."""
     texts = {}
     for name in ("float", "int8", "int4+2:4", "1:4"):
-        cfg = config_lib.base_config("tiny")
-        config_lib.apply_overrides(cfg, [
-            f"policy.name={name}", "policy.runtime=True", "mesh.data=1",
-            "model.num_layers=2", "model.model_dim=32", "model.num_heads=2",
-            "model.ffn_dim=64", "model.subsample_channels=8", "model.conv_kernel_size=5",
-        ])
+        cfg = config_lib.load_config(f"{ROOT / 'configs/tiny.py'}:micro")
+        config_lib.apply_overrides(cfg, [f"policy.name={name}", "policy.runtime=True"])
         setup = run.build(cfg, VOCAB)
         step, _ = train.make_train_step(setup, cfg)
         batch = {

@@ -279,6 +279,13 @@ NAMED_POLICIES: dict[str, tuple[int | None, tuple[int, int] | None]] = {
 }
 
 
+# The ten settings of USM-Lite's study (Ding et al., ICASSP 2024), in the order of its table.
+PAPER_SETTINGS = (
+    "int8", "int4", "int2", "2:4", "1:4",
+    "int8+2:4", "int4+2:4", "int2+2:4", "int8+1:4", "int4+1:4",
+)
+
+
 # Layers the named policies never prune (module docstring): the Conformer's depthwise
 # convs and its first subsampling conv. They keep the setting's bit width.
 NM_EXEMPT = r".*(blocks/conv/dw|subsample/conv1)"
