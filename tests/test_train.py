@@ -29,6 +29,16 @@ def _first_batch(cfg, workdir):
     return tok, next(it)
 
 
+@pytest.fixture(scope="module")
+def float_run(small_corpus, tmp_path_factory):
+    """A 4-step float run with its evaluation outputs: the init_from / distillation
+    teacher of the tests below (trained once for the module)."""
+    cfg = tiny_config(small_corpus, steps=4)
+    workdir = tmp_path_factory.mktemp("float") / "run"
+    metrics = train.train_and_evaluate(cfg, workdir)
+    return cfg, workdir, metrics
+
+
 def test_ctc_loss_matches_hand_computed_case():
     # T=2 frames, V=2 (blank=0, a=1), label "a": paths (a,a), (a,_), (_,a).
     p = np.array([[0.4, 0.6], [0.7, 0.3]])
@@ -72,18 +82,11 @@ def test_a_few_steps_lower_the_loss(small_corpus, tmp_path, caplog):
     assert len(compiles) == 1, [r.getMessage() for r in caplog.records]
 
 
-def test_train_resume_and_eval_outputs(small_corpus, tmp_path):
-    cfg = tiny_config(small_corpus, steps=6)
-    workdir = tmp_path / "run"
-    cfg.train.num_steps = 4
-    train.train_and_evaluate(cfg, workdir)
-    ckpts = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert ckpts[-1] == 4
-    cfg.train.num_steps = 6
-    metrics = train.train_and_evaluate(cfg, workdir)
+def test_a_run_writes_its_eval_outputs(float_run):
+    cfg, workdir, metrics = float_run
     rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 6]  # resumed at 4, not restarted
-    assert metrics["step"] == 6
+    assert [r["step"] for r in rows] == [2, 4] and metrics["step"] == 4
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 4
     ev = json.loads((workdir / "eval.json").read_text())
     assert set(ev) >= {"wer", "cer", "num_utterances", "num_words"}
     assert ev["num_utterances"] == 24
@@ -93,6 +96,26 @@ def test_train_resume_and_eval_outputs(small_corpus, tmp_path):
     assert "dev" not in metrics and not (workdir / "eval_dev.json").exists()
     with pytest.raises(ValueError, match="no dev split: set data.dev_manifest"):
         evaluate.evaluate_workdir(cfg, workdir, split="dev")
+
+
+def test_a_resumed_run_ends_exactly_where_the_straight_run_ends(small_corpus, float_run, tmp_path):
+    """4 steps straight == 2 + resume + 2 (weights, AdamW moments, RNG, data position and
+    the distillation teacher, reloaded from init_from), for a compressed student."""
+    losses = {}
+    for name, legs in (("straight", (4,)), ("resumed", (2, 4))):
+        for steps in legs:
+            c = tiny_config(small_corpus, policy="int4+2:4", steps=steps)
+            c.eval.at_end = False
+            c.init_from = str(float_run[1])
+            c.train.distill_weight = 0.5
+            c.train.distill_temperature = 2.0
+            train.train_and_evaluate(c, tmp_path / name)
+        rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [2, 4]  # resumed at 2, not restarted
+        assert {"ctc_loss", "distill_loss"} <= set(rows[-1])
+        losses[name] = rows[-1]
+    for key in ("loss", "ctc_loss", "distill_loss", "grad_norm"):
+        assert losses["resumed"][key] == pytest.approx(losses["straight"][key], rel=1e-5), key
 
 
 def _texts(path):
@@ -116,23 +139,9 @@ def test_the_dev_split_is_decoded_beside_the_test_split(small_corpus, tmp_path):
     with pytest.raises(ValueError, match="split must be one of"):
         evaluate.evaluate_workdir(cfg, workdir, split="test")
     # eval.dev=False: the test split only.
+    assert evaluate.decodes_dev(cfg)
     cfg.eval.dev = False
-    assert "dev" not in train.train_and_evaluate(cfg, tmp_path / "no_dev")
-    assert not (tmp_path / "no_dev/eval_dev.json").exists()
-
-
-def test_resume_restores_the_exact_state(small_corpus, tmp_path):
-    """Train 6 steps straight vs 3 + resume + 3: identical weights."""
-    cfg = tiny_config(small_corpus, steps=6)
-    cfg.eval.at_end = False
-    train.train_and_evaluate(cfg, tmp_path / "a")
-    cfg.train.num_steps = 3
-    train.train_and_evaluate(cfg, tmp_path / "b")
-    cfg.train.num_steps = 6
-    train.train_and_evaluate(cfg, tmp_path / "b")
-    loss_a = [json.loads(l)["loss"] for l in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
-    loss_b = [json.loads(l)["loss"] for l in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
-    assert loss_a[-1] == pytest.approx(loss_b[-1], rel=1e-5)
+    assert not evaluate.decodes_dev(cfg)
 
 
 def test_kill_minus_9_then_rerun_finishes_at_same_step(small_corpus, tmp_path):
@@ -140,15 +149,10 @@ def test_kill_minus_9_then_rerun_finishes_at_same_step(small_corpus, tmp_path):
     overrides = [
         f"--config.data.train_manifest={small_corpus['train']}",
         f"--config.data.eval_manifest={small_corpus['test']}",
-        "--config.data.batch_size=8", "--config.data.vocab_size=40",
-        "--config.data.bucket_boundaries=(450,)", "--config.data.max_frames=450",
         "--config.train.num_steps=40", "--config.train.checkpoint_every=5",
-        "--config.train.log_every=5", "--config.model.num_layers=1",
-        "--config.model.model_dim=32", "--config.model.num_heads=2",
-        "--config.model.ffn_dim=64", "--config.model.subsample_channels=8",
-        "--config.mesh.data=1", "--config.eval.at_end=false",
+        "--config.train.log_every=5", "--config.model.num_layers=1", "--config.eval.at_end=false",
     ]
-    cmd = [sys.executable, "-m", "usmqs", "train", "--config", str(ROOT / "configs/tiny.py"),
+    cmd = [sys.executable, "-m", "usmqs", "train", "--config", f"{ROOT / 'configs/tiny.py'}:micro",
            "--workdir", str(workdir), *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = workdir / "checkpoints"
@@ -201,22 +205,20 @@ def test_bad_input_is_skipped_and_reported(small_corpus, tmp_path):
         pipeline.prepare_split(str(manifest), tok, cfg.data, tmp_path / "fresh_cache", train=True)
 
 
-def test_init_from_loads_float_weights_and_ptq_masks(small_corpus, tmp_path):
+def test_init_from_loads_float_weights_and_ptq_masks(small_corpus, float_run, tmp_path):
     from flax import nnx
 
-    cfg = tiny_config(small_corpus, steps=2)
-    cfg.eval.at_end = False
-    train.train_and_evaluate(cfg, tmp_path / "float")
+    cfg, float_dir, _ = float_run
     qcfg = tiny_config(small_corpus, policy="int4+2:4", steps=0)
-    qcfg.init_from = str(tmp_path / "float")
+    qcfg.init_from = str(float_dir)
     metrics = train.train_and_evaluate(qcfg, tmp_path / "ptq")
     assert metrics["step"] == 0 and 0.0 <= metrics["wer"]
-    assert (tmp_path / "ptq/tokenizer.model").read_bytes() == (tmp_path / "float/tokenizer.model").read_bytes()
+    assert (tmp_path / "ptq/tokenizer.model").read_bytes() == (float_dir / "tokenizer.model").read_bytes()
 
-    tok = run.load_or_train_tokenizer(cfg, tmp_path / "float", "")
+    tok = run.load_tokenizer(float_dir)
     fsetup = run.build(cfg, tok.vocab_size)
     qsetup = run.build(qcfg, tok.vocab_size)
-    fstate, _ = run.restore_state(run.checkpoint_manager(tmp_path / "float", cfg), 2, fsetup)
+    fstate = run.restore_latest(float_dir, cfg, fsetup)
     qstate, _ = run.restore_state(run.checkpoint_manager(tmp_path / "ptq", qcfg), 0, qsetup)
     for a, b in zip(jax.tree.leaves(fstate.params), jax.tree.leaves(qstate.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -250,16 +252,13 @@ def test_distill_loss_is_the_masked_kl_of_the_posteriors():
     assert float(train.distill_loss(s2, t, mask, 1.0)) == pytest.approx(float(train.distill_loss(s, t, mask, 1.0)))
 
 
-def test_distillation_pulls_the_compressed_student_to_the_float_teacher(small_corpus, tmp_path):
-    cfg = tiny_config(small_corpus, steps=4)
-    cfg.eval.at_end = False
-    train.train_and_evaluate(cfg, tmp_path / "float")
-    tok = run.load_or_train_tokenizer(cfg, tmp_path / "float", "")
-    _, batch = _first_batch(cfg, tmp_path / "float")
+def test_distillation_pulls_the_compressed_student_to_the_float_teacher(small_corpus, float_run):
+    cfg, float_dir, _ = float_run
+    tok, batch = _first_batch(cfg, float_dir)
 
     def first_losses(policy, steps):
         c = tiny_config(small_corpus, policy=policy, steps=steps)
-        c.init_from = str(tmp_path / "float")
+        c.init_from = str(float_dir)
         c.train.distill_weight = 1.0
         c.train.learning_rate = 3e-3
         c.train.warmup_steps = 1
@@ -282,24 +281,3 @@ def test_distillation_pulls_the_compressed_student_to_the_float_teacher(small_co
     comp = first_losses("int4+2:4", 8)
     assert comp[0]["distill_loss"] > 1e-3
     assert comp[-1]["distill_loss"] < 0.7 * comp[0]["distill_loss"], [m["distill_loss"] for m in comp]
-
-
-def test_distillation_run_resumes_to_the_same_weights(small_corpus, tmp_path):
-    """The teacher is reloaded from init_from on resume: 4 steps straight == 2 + 2."""
-    cfg = tiny_config(small_corpus, steps=2)
-    cfg.eval.at_end = False
-    train.train_and_evaluate(cfg, tmp_path / "float")
-    losses = {}
-    for name, legs in (("straight", (4,)), ("resumed", (2, 4))):
-        for steps in legs:
-            c = tiny_config(small_corpus, policy="int4+2:4", steps=steps)
-            c.eval.at_end = False
-            c.init_from = str(tmp_path / "float")
-            c.train.distill_weight = 0.5
-            c.train.distill_temperature = 2.0
-            train.train_and_evaluate(c, tmp_path / name)
-        rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert {"ctc_loss", "distill_loss"} <= set(rows[-1]) and rows[-1]["step"] == 4
-        losses[name] = rows[-1]
-    assert losses["resumed"]["loss"] == pytest.approx(losses["straight"]["loss"], rel=1e-5)
-    assert losses["resumed"]["distill_loss"] == pytest.approx(losses["straight"]["distill_loss"], rel=1e-5)
