@@ -216,10 +216,13 @@ def make_eval_step(setup: run.Setup, config) -> run.InMesh:
 
 
 def evaluate_workdir(
-    config, workdir, *, state=None, setup=None, manifest: str | None = None, split: str = "eval"
+    config, workdir, *, state=None, setup=None, eval_step=None, manifest: str | None = None,
+    split: str = "eval",
 ) -> dict:
-    """Decode a split (the eval manifest, or "dev") with the run's latest checkpoint;
-    write eval.json and predictions.jsonl (eval_dev.json, ... for the dev split)."""
+    """Decode a split (the eval manifest, or "dev") with the run's latest checkpoint (or
+    `state`); write eval.json and predictions.jsonl (eval_dev.json, ... for the dev split).
+    A caller decoding several splits passes its `setup` and one `eval_step`
+    (`make_eval_step`), so the model is traced once."""
     distributed.maybe_initialize(config)  # a no-op when already joined (or one process)
     workdir = pathlib.Path(workdir)
     tokenizer = run.load_tokenizer(workdir)
@@ -232,7 +235,7 @@ def evaluate_workdir(
         setup = run.build(config, tokenizer.vocab_size)
     if state is None:
         state = run.restore_latest(workdir, config, setup)
-    eval_step = make_eval_step(setup, config)
+    eval_step = eval_step or make_eval_step(setup, config)
     fn = lambda f, m: eval_step(state.params, state.rest, f, m)
     metrics, rows = run_decoding(fn, prepared, config.data, tokenizer, config.eval)
     metrics["step"] = int(jax.device_get(state.step))

@@ -68,8 +68,6 @@ def resolve_manifests(config: ml_collections.ConfigDict) -> dict[str, str | None
     d = config.data
     if d.train_manifest and d.eval_manifest:
         return {"train": d.train_manifest, "eval": d.eval_manifest, "dev": d.dev_manifest or None}
-    if d.train_manifest or d.eval_manifest:
-        raise ValueError("set both data.train_manifest and data.eval_manifest, or neither")
     # The synthesizer is an optional extra (GPL espeak-ng): imported only when used.
     from usmqs.data import synth
 

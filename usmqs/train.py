@@ -261,7 +261,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mngr.close()
     if not config.eval.at_end:
         return {}
-    metrics = evaluate_lib.evaluate_workdir(config, workdir, state=state, setup=setup)
+    decode = dict(state=state, setup=setup, eval_step=evaluate_lib.make_eval_step(setup, config))
+    metrics = evaluate_lib.evaluate_workdir(config, workdir, **decode)
     if evaluate_lib.decodes_dev(config):
-        metrics["dev"] = evaluate_lib.evaluate_workdir(config, workdir, state=state, setup=setup, split="dev")
+        metrics["dev"] = evaluate_lib.evaluate_workdir(config, workdir, split="dev", **decode)
     return metrics
