@@ -5,7 +5,7 @@ cycles, nothing imports a layer above it) and functions stay short.
 
 The layering (lowest first; a module imports only from its own package or lower layers):
 
-    data, compress, sharding, distributed   (independent of each other)
+    data, compress, sharding, distributed, storage   (independent of each other)
     models                                   the Conformer; calls `compress` layers
     config                                   the schema: every block's keys, validation
     run                                      what every command needs from a workdir
@@ -26,7 +26,7 @@ import sys
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "usmqs"
 
 LAYERS = (
-    ("data", "compress", "sharding", "distributed"),
+    ("data", "compress", "sharding", "distributed", "storage"),
     ("models",),
     ("config",),
     ("run",),
