@@ -59,9 +59,11 @@ def phase_make(cfg, workdir: pathlib.Path) -> dict:
 
     state = run.init_masks(setup, state)  # one-shot masks from the initial weights
     params = state.params
-    mngr = run.checkpoint_manager(workdir, cfg)
-    run.save_state(mngr, state.replace(step=jnp.asarray(1, jnp.int32)), {})
-    mngr.close()
+    from usmqs import checkpoints
+
+    ckpts = checkpoints.Checkpoints(workdir, keep=1)
+    run.save_state(ckpts, state.replace(step=jnp.asarray(1, jnp.int32)), {})
+    ckpts.close()
     n = sum(x.size for x in jax.tree.leaves(params))
     return {"num_params": int(n)}
 

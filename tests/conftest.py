@@ -51,6 +51,31 @@ def tiny_config(corpus: dict, *, policy: str = "float", steps: int = 8, **model)
     return cfg
 
 
+def sigterm_at_batch(make_train_iterator, k: int):
+    """`pipeline.make_train_iterator` whose k-th batch fetch sends this process SIGTERM
+    (a preemption notice at a known point of the training loop)."""
+    import os
+    import signal
+
+    class Signalling:
+        def __init__(self, *args, **kwargs):
+            self.it, self.fetched = make_train_iterator(*args, **kwargs), 0
+
+        def __next__(self):
+            self.fetched += 1
+            if self.fetched == k:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return next(self.it)
+
+        def get_state(self):
+            return self.it.get_state()
+
+        def set_state(self, state):
+            self.it.set_state(state)
+
+    return Signalling
+
+
 # ------------------------------------------------------------------ packed export
 
 # The export tests' model: a micro Conformer with one compression setting per layer, the

@@ -3,9 +3,10 @@
 Each process runs the real loop (`train.train_and_evaluate`) and joins the job through
 the standard environment (`usmqs.distributed`): gloo collectives between the processes,
 each process loading its half of every global batch, Orbax checkpoints written and read
-by both. The job trains 4 steps; then, as if preempted after the step-2 checkpoint, the
-step-4 checkpoint is deleted and a second launch resumes from step 2 and evaluates. Every
-loss must equal, to 1e-5, that of one 8-device process training the same 4 steps.
+by both. The job is to train 4 steps; process 1 alone receives SIGTERM while step 1 runs,
+both agree to stop after step 2 (`usmqs.preemption`), save there and exit 75; a second
+launch resumes from step 2 and evaluates. Every loss must equal, to 1e-5, that of one
+8-device process training the same 4 steps.
 
 Why the reference needs care (the losses agree bit for bit here; they would not without):
 * Row order. Process p loads rows p::2 of each global batch of the data plan and its
@@ -30,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -39,6 +39,7 @@ import time
 import numpy as np
 import pytest
 
+from usmqs import preemption
 from usmqs.sharding import DEFAULT_RULES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -84,8 +85,9 @@ def _two_processes(spec: dict, tmp: pathlib.Path) -> list[tuple[str, dict, dict]
     ]
 
 
-def _launch(jobs: list[tuple[str, dict, dict]], tmp: pathlib.Path) -> None:
-    """Run the workers concurrently; kill all when one fails or time runs out."""
+def _launch(jobs: list[tuple[str, dict, dict]], tmp: pathlib.Path, expect: int = 0) -> None:
+    """Run the workers concurrently; kill all when one fails or time runs out; each must
+    exit with `expect`."""
     procs = []
     for name, spec, env in jobs:
         out = open(tmp / f"{name}.log", "w")
@@ -94,7 +96,7 @@ def _launch(jobs: list[tuple[str, dict, dict]], tmp: pathlib.Path) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while any(p.poll() is None for _, p, _ in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for _, p, _ in procs):
+            if any(p.poll() not in (None, expect) for _, p, _ in procs):
                 break
             time.sleep(0.2)
     finally:
@@ -104,7 +106,7 @@ def _launch(jobs: list[tuple[str, dict, dict]], tmp: pathlib.Path) -> None:
             p.wait()
             out.close()
     for name, p, _ in procs:
-        if p.returncode != 0:
+        if p.returncode != expect:
             log = (tmp / f"{name}.log").read_text()[-4000:]
             raise AssertionError(f"worker {name} exited with {p.returncode}:\n{log}")
 
@@ -123,11 +125,15 @@ def test_two_processes_match_one_and_resume(small_corpus, tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
     base = dict(corpus=corpus, overrides=MESH + COMMON, steps=4)
 
-    _launch(_two_processes(dict(base, name="multi_a", workdir=str(multi), eval=False), tmp_path),
-            tmp_path)
-    assert [s for s, _ in _losses(multi)] == [1, 2, 3, 4]  # process 0 writes, once
-    assert _steps(multi) == {2, 4}
-    shutil.rmtree(multi / "checkpoints" / "4")  # preempted after the step-2 checkpoint
+    # Process 1 alone gets SIGTERM while step 1 runs: both agree to stop after step 2,
+    # save there, and exit 75.
+    first = _two_processes(dict(base, name="multi_a", workdir=str(multi), eval=False), tmp_path)
+    first[1] = (first[1][0], dict(first[1][1], sigterm_at_batch=1), first[1][2])
+    _launch(first, tmp_path, expect=preemption.EXIT_PREEMPTED)
+    assert [s for s, _ in _losses(multi)] == [1, 2]  # process 0 writes, once
+    assert _steps(multi) == {2}
+    assert "SIGTERM: stopped after step 2" in (tmp_path / "multi_a.1.log").read_text()
+    assert "a signal to another process: stopped after step 2" in (tmp_path / "multi_a.0.log").read_text()
     # The resumed job, and beside it the reference: one process, 8 devices, the same mesh
     # and row order, 4 steps in one go.
     resume = dict(base, name="multi_b", workdir=str(multi), eval=True)
@@ -136,7 +142,7 @@ def test_two_processes_match_one_and_resume(small_corpus, tmp_path):
     assert "resumed from step 2" in (tmp_path / "multi_b.0.log").read_text()
 
     got, want = _losses(multi), dict(_losses(single))
-    assert [s for s, _ in got] == [1, 2, 3, 4, 3, 4]
+    assert [s for s, _ in got] == [1, 2, 3, 4]
     diffs = [abs(loss - want[s]) for s, loss in got]
     assert max(diffs) < 1e-5, (got, want)
     # Single-copy outputs from process 0, checkpoints from both.
@@ -203,7 +209,7 @@ def _worker(spec: dict) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     import jax
 
-    from conftest import tiny_config
+    from conftest import sigterm_at_batch, tiny_config
     from usmqs import config as config_lib
     from usmqs import train
 
@@ -211,7 +217,13 @@ def _worker(spec: dict) -> None:
     config_lib.apply_overrides(cfg, spec["overrides"] + [f"eval.at_end={spec['eval']}"])
     if spec.get("as_two_processes"):
         train.pipeline.make_train_iterator = _as_two_processes(train.pipeline.make_train_iterator)
-    train.train_and_evaluate(cfg, spec["workdir"])
+    if spec.get("sigterm_at_batch"):
+        train.pipeline.make_train_iterator = sigterm_at_batch(train.pipeline.make_train_iterator, spec["sigterm_at_batch"])
+    try:
+        train.train_and_evaluate(cfg, spec["workdir"])
+    except preemption.Preempted as e:
+        print(e, flush=True)
+        sys.exit(preemption.EXIT_PREEMPTED)
     print(f"process {jax.process_index()} of {jax.process_count()}: done", flush=True)
 
 

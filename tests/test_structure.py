@@ -5,8 +5,10 @@ cycles, nothing imports a layer above it) and functions stay short.
 
 The layering (lowest first; a module imports only from its own package or lower layers):
 
-    data, compress, sharding, distributed, storage   (independent of each other)
+    data, compress, sharding, distributed,
+    storage, preemption                      (independent of each other)
     models                                   the Conformer; calls `compress` layers
+    checkpoints                              async, fall-back restores; uses `storage`
     config                                   the schema: every block's keys, validation
     run                                      what every command needs from a workdir
     evaluate                                 decoders, scoring, decoding a workdir's split
@@ -26,8 +28,8 @@ import sys
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "usmqs"
 
 LAYERS = (
-    ("data", "compress", "sharding", "distributed", "storage"),
-    ("models",),
+    ("data", "compress", "sharding", "distributed", "storage", "preemption"),
+    ("models", "checkpoints"),
     ("config",),
     ("run",),
     ("evaluate",),

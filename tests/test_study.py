@@ -209,7 +209,7 @@ def test_an_interrupted_moved_study_resumes_from_its_checkpoint(demo_study, tmp_
     shutil.rmtree(ckpts / "2")
     study.run_study(demo_study.cfg, wd)
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 2]  # step 1 was not trained again
+    assert steps == [1, 2]  # step 1 was not trained again; step 2's old line was superseded
     after = _mtimes(wd)
     assert after.pop("qat/int4+2:4/done.json") != before.pop("qat/int4+2:4/done.json")
     assert after == before

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -15,8 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
-from usmqs import evaluate, run, train
+from conftest import ROOT, sigterm_at_batch, tiny_config
+from usmqs import evaluate, preemption, run, train
 from usmqs.data import pipeline
 
 
@@ -98,24 +99,38 @@ def test_a_run_writes_its_eval_outputs(float_run):
         evaluate.evaluate_workdir(cfg, workdir, split="dev")
 
 
-def test_a_resumed_run_ends_exactly_where_the_straight_run_ends(small_corpus, float_run, tmp_path):
-    """4 steps straight == 2 + resume + 2 (weights, AdamW moments, RNG, data position and
-    the distillation teacher, reloaded from init_from), for a compressed student."""
+def test_a_preempted_run_resumes_exactly_where_the_straight_run_ends(small_corpus, float_run, tmp_path, monkeypatch):
+    """SIGTERM while step 1 runs: the run finishes step 2 (the step every process agrees
+    on, read one step late), saves there and raises Preempted; rerunning ends exactly
+    where 4 straight steps end (weights, AdamW moments, RNG, data position and the
+    distillation teacher, reloaded from init_from), for a compressed student."""
+    c = tiny_config(small_corpus, policy="int4+2:4", steps=4)
+    c.eval.at_end = False
+    c.init_from = str(float_run[1])
+    c.train.distill_weight = 0.5
+    c.train.distill_temperature = 2.0
+    c.train.checkpoint_every = 3
+    train.train_and_evaluate(c, tmp_path / "straight")
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "make_train_iterator", sigterm_at_batch(pipeline.make_train_iterator, 1))
+        with pytest.raises(preemption.Preempted, match="SIGTERM: stopped after step 2") as info:
+            train.train_and_evaluate(c, tmp_path / "resumed")
+    assert info.value.step == 2 and _steps(tmp_path / "resumed") == [2]
+    # The handlers are restored after the run.
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    train.train_and_evaluate(c, tmp_path / "resumed")
     losses = {}
-    for name, legs in (("straight", (4,)), ("resumed", (2, 4))):
-        for steps in legs:
-            c = tiny_config(small_corpus, policy="int4+2:4", steps=steps)
-            c.eval.at_end = False
-            c.init_from = str(float_run[1])
-            c.train.distill_weight = 0.5
-            c.train.distill_temperature = 2.0
-            train.train_and_evaluate(c, tmp_path / name)
+    for name in ("straight", "resumed"):
         rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [2, 4]  # resumed at 2, not restarted
         assert {"ctc_loss", "distill_loss"} <= set(rows[-1])
         losses[name] = rows[-1]
     for key in ("loss", "ctc_loss", "distill_loss", "grad_norm"):
         assert losses["resumed"][key] == pytest.approx(losses["straight"][key], rel=1e-5), key
+
+
+def _steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def _texts(path):
@@ -144,7 +159,10 @@ def test_the_dev_split_is_decoded_beside_the_test_split(small_corpus, tmp_path):
     assert not evaluate.decodes_dev(cfg)
 
 
-def test_kill_minus_9_then_rerun_finishes_at_same_step(small_corpus, tmp_path):
+def test_sigterm_then_kill_minus_9_then_rerun_logs_each_step_once(small_corpus, tmp_path):
+    """`usmqs train` stopped by SIGTERM exits 75 with a checkpoint at the step it names;
+    killed with -9 (perhaps mid-write) it loses at most the steps since its last
+    checkpoint; the rerun finishes, and metrics.jsonl holds every logged step once."""
     workdir = tmp_path / "killed"
     overrides = [
         f"--config.data.train_manifest={small_corpus['train']}",
@@ -154,20 +172,36 @@ def test_kill_minus_9_then_rerun_finishes_at_same_step(small_corpus, tmp_path):
     ]
     cmd = [sys.executable, "-m", "usmqs", "train", "--config", f"{ROOT / 'configs/tiny.py'}:micro",
            "--workdir", str(workdir), *overrides]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = workdir / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir()):
-            break
-        time.sleep(0.2)
+
+    def launch_until_checkpoint_after(step: int):
+        err = open(tmp_path / "stderr.txt", "w")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if (workdir / "checkpoints").exists() and max(_steps(workdir), default=0) > step:
+                break
+            time.sleep(0.1)
+        return proc, err
+
+    proc, err = launch_until_checkpoint_after(0)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    err.close()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == preemption.EXIT_PREEMPTED, stderr[-3000:]
+    stopped = int(re.search(r"SIGTERM: stopped after step (\d+)", stderr).group(1))
+    assert max(_steps(workdir)) == stopped < 40
+
+    proc, err = launch_until_checkpoint_after(stopped)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]
-    assert done and max(done) < 40
+    err.close()
+    assert stopped < max(_steps(workdir)) < 40
+
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
-    final = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
-    assert final == 40
+    assert max(_steps(workdir)) == 40
+    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
 
 
 def test_bad_input_is_skipped_and_reported(small_corpus, tmp_path):
@@ -218,8 +252,8 @@ def test_init_from_loads_float_weights_and_ptq_masks(small_corpus, float_run, tm
     tok = run.load_tokenizer(float_dir)
     fsetup = run.build(cfg, tok.vocab_size)
     qsetup = run.build(qcfg, tok.vocab_size)
-    fstate = run.restore_latest(float_dir, cfg, fsetup)
-    qstate, _ = run.restore_state(run.checkpoint_manager(tmp_path / "ptq", qcfg), 0, qsetup)
+    fstate = run.restore_latest(float_dir, fsetup)
+    qstate, _ = run.restore_state(run.checkpoint_manager(tmp_path / "ptq"), 0, qsetup)
     for a, b in zip(jax.tree.leaves(fstate.params), jax.tree.leaves(qstate.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     masks = jax.tree.leaves(qstate.rest)

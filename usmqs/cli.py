@@ -197,7 +197,32 @@ def main(argv: list[str] | None = None) -> None:
 
     args = p.parse_args(argv)
     args.argv = [*argv, *(f"--config.{o}" for o in overrides)]  # to re-execute itself
-    args.fn(args, overrides)
+    try:
+        args.fn(args, overrides)
+    except Exception as e:
+        code = _exit_code(e)
+        if code is None:
+            raise
+        print(f"usmqs {args.command}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
+
+
+def _exit_code(e: Exception) -> int | None:
+    """The exit code of errors whose message says it all (no traceback); None: others.
+
+    75 (EX_TEMPFAIL): preempted, a checkpoint was saved, rerun to resume. 1: a run that
+    cannot go on as configured (non-finite storm, disk full, no restorable checkpoint,
+    failed study runs). 2: a bad config (the key is named).
+    """
+    from usmqs import checkpoints, config, preemption, storage, study, train
+
+    if isinstance(e, preemption.Preempted):
+        return preemption.EXIT_PREEMPTED
+    if isinstance(e, config.ConfigError):
+        return 2
+    if isinstance(e, train.NonFiniteStorm | storage.WriteError | checkpoints.CheckpointError | study.StudyError):
+        return 1
+    return None
 
 
 if __name__ == "__main__":

@@ -189,6 +189,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
             log_every=20,
             checkpoint_every=200,
             keep_checkpoints=2,
+            # Stop with an error after this many consecutive updates skipped for a
+            # non-finite loss or gradient (the last good checkpoint stays).
+            max_consecutive_skips=100,
         )
     )
     # name: a named setting (DESIGN.md) or, with rules, the label of a custom policy.
@@ -279,7 +282,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{d.subsampling_factor} but the encoder subsamples time {SUBSAMPLING_FACTOR}x")
     for key in ("num_steps", "warmup_steps"):
         _positive_int(t[key], f"train.{key}", minimum=0)
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
         _positive_int(t[key], f"train.{key}")
     _check(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate!r}")
     _check(0.0 <= t.distill_weight <= 1.0, "train.distill_weight", f"must be in [0, 1], got {t.distill_weight!r}")

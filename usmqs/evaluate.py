@@ -234,7 +234,7 @@ def evaluate_workdir(
     if setup is None:
         setup = run.build(config, tokenizer.vocab_size)
     if state is None:
-        state = run.restore_latest(workdir, config, setup)
+        state = run.restore_latest(workdir, setup)
     eval_step = eval_step or make_eval_step(setup, config)
     fn = lambda f, m: eval_step(state.params, state.rest, f, m)
     metrics, rows = run_decoding(fn, prepared, config.data, tokenizer, config.eval)

@@ -210,7 +210,7 @@ class _CheckpointReader:
     """
 
     def __init__(self, config, workdir: pathlib.Path, setup):
-        self.mngr = run.checkpoint_manager(workdir, config)
+        self.mngr = run.checkpoint_manager(workdir)
         self.step = self.mngr.latest_step()
         if self.step is None:
             raise FileNotFoundError(f"{workdir}: no checkpoint to export")

@@ -33,6 +33,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx, struct
 
+from usmqs import checkpoints
 from usmqs import sharding as sharding_lib
 from usmqs.compress import masks as masks_lib
 from usmqs.compress.layers import compressible_layers
@@ -45,7 +46,7 @@ from usmqs.models.conformer import ConformerCTC
 log = logging.getLogger("usmqs.run")
 
 TOKENIZER_FILE = "tokenizer.model"
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = checkpoints.CHECKPOINT_DIR
 
 
 @struct.dataclass
@@ -235,15 +236,9 @@ def device_batch(batch: dict, shardings: dict) -> dict:
 # ----------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        (pathlib.Path(workdir) / CHECKPOINT_DIR).absolute(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.train.keep_checkpoints,
-            create=True,
-            enable_async_checkpointing=False,
-        ),
-    )
+def checkpoint_manager(workdir: pathlib.Path) -> ocp.CheckpointManager:
+    """A read-only manager of the run's checkpoints (for readers: evaluate, export)."""
+    return checkpoints.manager(workdir, read_only=True)
 
 
 def abstract_with_shardings(setup: Setup):
@@ -267,27 +262,25 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, setup: Setup):
     return restored.state, restored.data
 
 
-def restore_latest(workdir: pathlib.Path, config, setup: Setup) -> TrainState:
-    """The TrainState of the run's latest checkpoint; an error naming the workdir if none."""
-    mngr = checkpoint_manager(workdir, config)
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{workdir}: no checkpoint under {pathlib.Path(workdir) / CHECKPOINT_DIR}")
-    state, _ = restore_state(mngr, step, setup)
-    mngr.close()
-    return state
-
-
-def save_state(mngr, state: TrainState, data_state: dict) -> None:
-    step = int(jax.device_get(state.step))
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
-        ),
-        force=True,
+def restore_latest(workdir: pathlib.Path, setup: Setup) -> TrainState:
+    """The TrainState of the run's newest checkpoint that restores (older ones are tried
+    when newer ones are damaged, with a warning); an error naming the workdir if none."""
+    mngr = checkpoint_manager(workdir)
+    found = checkpoints.restore_newest(
+        mngr, lambda step: restore_state(mngr, step, setup)[0], what=str(workdir)
     )
-    mngr.wait_until_finished()
+    mngr.close()
+    if found is None:
+        raise FileNotFoundError(f"{workdir}: no checkpoint under {pathlib.Path(workdir) / CHECKPOINT_DIR}")
+    return found[1]
+
+
+def save_state(ckpts: checkpoints.Checkpoints, state: TrainState, data_state: dict) -> None:
+    """Start an asynchronous save of `state` (and the data position) at its step."""
+    ckpts.save(
+        int(jax.device_get(state.step)),
+        ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+    )
 
 
 def load_float_weights(setup: Setup, state: TrainState, src: str) -> TrainState:
@@ -300,37 +293,32 @@ def load_float_weights(setup: Setup, state: TrainState, src: str) -> TrainState:
 
 
 def load_params(setup: Setup, src: str):
-    """The weights of `src`'s latest checkpoint, shaped and sharded like this run's params
-    (also the distillation teacher's weights)."""
+    """The weights of `src`'s newest restorable checkpoint, shaped and sharded like this
+    run's params (also the distillation teacher's weights)."""
     src_dir = pathlib.Path(src)
-    mngr = ocp.CheckpointManager((src_dir / CHECKPOINT_DIR).absolute())
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"init_from={src}: no checkpoint under {src_dir / CHECKPOINT_DIR}")
+    mngr = checkpoint_manager(src_dir)
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         setup.abstract_state.params,
         setup.state_shardings.params,
     )
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), setup.state_shardings.params)
-    try:
-        restored = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item={"params": target},
-                    restore_args={"params": restore_args},
-                    partial_restore=True,
-                )
-            ),
+
+    def restore(step):
+        args = ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
         )
-    except (ValueError, KeyError) as e:
-        raise ValueError(
-            f"init_from={src}: its checkpoint does not fit this model (preset or vocab differ?): {e}"
-        ) from e
+        return mngr.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+
+    try:
+        found = checkpoints.restore_newest(mngr, restore, what=f"init_from={src}")
+    except checkpoints.CheckpointError as e:
+        raise ValueError(f"{e} (if every step fails alike: preset or vocab differ?)") from e
     mngr.close()
-    log.info("init_from %s: loaded weights of step %d", src, step)
-    return restored.state["params"]
+    if found is None:
+        raise FileNotFoundError(f"init_from={src}: no checkpoint under {src_dir / CHECKPOINT_DIR}")
+    log.info("init_from %s: loaded weights of step %d", src, found[0])
+    return found[1]
 
 
 def init_masks(setup: Setup, state: TrainState) -> TrainState:

@@ -22,11 +22,14 @@ import optax
 from flax import nnx
 from tensorboardX import SummaryWriter
 
+from usmqs import checkpoints
 from usmqs import config as config_lib
 from usmqs import distributed
 from usmqs import evaluate as evaluate_lib
+from usmqs import preemption
 from usmqs import run
 from usmqs import sharding as sharding_lib
+from usmqs import storage
 from usmqs.compress import masks as masks_lib
 from usmqs.data import pipeline
 
@@ -137,46 +140,73 @@ def make_train_step(setup: run.Setup, config):
 
 
 class Progress:
-    """One line per `every` steps: step, loss, lr, steps/s, ETA."""
+    """One line per `every` steps: step, loss, lr, steps/s, ETA (and skipped updates)."""
 
     def __init__(self, total: int, start: int, label: str = ""):
         self.total, self.start, self.label = total, start, label
         self.t0 = time.perf_counter()
 
-    def line(self, step: int, loss: float, lr: float) -> str:
+    def line(self, step: int, loss: float, lr: float, skipped: int = 0) -> str:
         done = step - self.start
         rate = done / max(time.perf_counter() - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         prefix = f"[{self.label}] " if self.label else ""
+        warn = f"  SKIPPED {skipped} non-finite updates" if skipped else ""
         return (
             f"{prefix}step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  "
-            f"{rate:.2f} steps/s  ETA {eta / 60:.1f} min"
+            f"{rate:.2f} steps/s  ETA {eta / 60:.1f} min{warn}"
         )
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line cut short (a kill mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 class MetricsLog:
     """Where logged steps go: a progress line on stdout and, on the primary process,
-    ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard scalars."""
+    ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard scalars.
 
-    SCALARS = ("loss", "grad_norm", "lr", "ctc_loss", "distill_loss")
+    Resuming at step `start`, lines of later steps (written before the interruption, or
+    cut short by it) are dropped and TensorBoard is told to purge its events after
+    `start`, so each step is logged once."""
+
+    SCALARS = ("loss", "grad_norm", "lr", "ctc_loss", "distill_loss", "skipped")
 
     def __init__(self, workdir: pathlib.Path, progress: Progress, primary: bool):
         self.progress = progress
         self._stack = contextlib.ExitStack()
         self.file = self.writer = None
+        self.path = workdir / "metrics.jsonl"
         if primary:
-            self.file = self._stack.enter_context(open(workdir / "metrics.jsonl", "a"))
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            dropped = self._drop_after(progress.start)
+            if progress.start:
+                log.info("resumed from step %d; %d metrics lines after it dropped", progress.start, dropped)
+            with storage.writing(self.path, "training metrics"):
+                self.file = self._stack.enter_context(open(self.path, "a"))
+            self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=progress.start + 1)
             self._stack.callback(self.writer.close)
 
-    def write(self, step: int, metrics: dict, lr: float) -> None:
+    def _drop_after(self, step: int) -> int:
+        if not self.path.is_file():
+            return 0
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if _logged_step(line) <= step]
+        if len(keep) < len(lines):
+            storage.write_text_atomic(self.path, "".join(keep), "training metrics")
+        return len(lines) - len(keep)
+
+    def write(self, step: int, metrics: dict, lr: float, skipped: int) -> None:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        m["lr"] = lr
-        m["step"] = step
-        print(self.progress.line(step, m["loss"], m["lr"]), flush=True)
+        m.update(lr=lr, step=step, skipped=skipped)
+        print(self.progress.line(step, m["loss"], m["lr"], skipped), flush=True)
         if self.file is not None:
-            self.file.write(json.dumps(m) + "\n")
-            self.file.flush()
+            with storage.writing(self.path, "training metrics"):
+                self.file.write(json.dumps(m) + "\n")
+                self.file.flush()
         if self.writer is not None:
             for k in self.SCALARS:
                 if k in m:
@@ -187,6 +217,49 @@ class MetricsLog:
 
     def __exit__(self, *exc):
         self._stack.close()
+
+
+class NonFiniteStorm(RuntimeError):
+    """Too many consecutive updates skipped for a non-finite loss or gradient."""
+
+
+class StepMonitor:
+    """Reads every step's metrics one step late (the next step is already queued, so the
+    host never idles the device): counts skipped updates, logs due steps, stops a
+    non-finite storm, and reports whether all processes agreed to stop (preemption)."""
+
+    def __init__(self, mlog: MetricsLog, schedule, train_cfg):
+        self.mlog, self.schedule, self.t = mlog, schedule, train_cfg
+        self.pending = None
+        self.skipped_since_log = 0
+        self.consecutive = 0
+
+    def after(self, step: int, metrics: dict, polled) -> bool:
+        """Queue step `step`'s outputs; process the previous step's. True: stop now."""
+        previous, self.pending = self.pending, (step, metrics, polled)
+        return previous is not None and self._process(*previous)
+
+    def flush(self) -> bool:
+        """Process the queued step now; True: stop."""
+        previous, self.pending = self.pending, None
+        return previous is not None and self._process(*previous)
+
+    def _process(self, step: int, metrics: dict, polled) -> bool:
+        skipped = int(jax.device_get(metrics["skipped"]))
+        self.skipped_since_log += skipped
+        self.consecutive = self.consecutive + 1 if skipped else 0
+        if step % self.t.log_every == 0 or step == self.t.num_steps or self.consecutive >= self.t.max_consecutive_skips:
+            self.mlog.write(step, metrics, float(self.schedule(step - 1)), self.skipped_since_log)
+            self.skipped_since_log = 0
+        if self.consecutive >= self.t.max_consecutive_skips:
+            raise NonFiniteStorm(
+                f"the last {self.consecutive} updates (to step {step}) were all skipped: the loss or "
+                "gradient is not finite. Lower train.learning_rate or train.grad_clip, or check "
+                "the data; the weights and checkpoints are those before the storm (skipped "
+                "updates change nothing). "
+                f"(train.max_consecutive_skips={self.t.max_consecutive_skips})"
+            )
+        return preemption.Watcher.stop_agreed(polled)
 
 
 def prepare_train_data(config, workdir: pathlib.Path):
@@ -202,18 +275,46 @@ def prepare_train_data(config, workdir: pathlib.Path):
     return tokenizer, train_split
 
 
-def initial_state(config, setup: run.Setup, mngr, it) -> run.TrainState:
-    """The latest checkpoint (and the data position saved with it), else a fresh state
-    (from `init_from`'s weights when set)."""
-    latest = mngr.latest_step()
-    if latest is not None:
-        state, data_state = run.restore_state(mngr, latest, setup)
+def initial_state(config, setup: run.Setup, ckpts: checkpoints.Checkpoints, it) -> run.TrainState:
+    """The newest checkpoint that restores (and the data position saved with it), else a
+    fresh state (from `init_from`'s weights when set)."""
+    found = ckpts.restore(lambda step: run.restore_state(ckpts.mngr, step, setup))
+    if found is not None:
+        step, (state, data_state) = found
         it.set_state(data_state)
-        log.info("resumed from step %d", latest)
+        log.info("resumed from step %d", step)
         return state
     state = setup.init_fn(jax.random.PRNGKey(config.seed))
     if config.init_from:
         state = run.load_float_weights(setup, state, config.init_from)
+    return state
+
+
+def _train_loop(config, workdir, setup, step, state, it, ckpts) -> run.TrainState:
+    """Steps from `state.step` to train.num_steps with logging and checkpoints; on an
+    agreed stop request (`usmqs.preemption`) saves at the current step and raises
+    `Preempted`."""
+    step_fn, batch_sh, teacher = step
+    t = config.train
+    start = int(jax.device_get(state.step))
+    primary = distributed.is_primary()
+    with preemption.Watcher() as watch, MetricsLog(workdir, Progress(t.num_steps, start, config.label), primary) as mlog:
+        monitor = StepMonitor(mlog, setup.schedule, t)
+        stop = False
+        for n in range(start + 1, t.num_steps + 1):
+            state, metrics = step_fn(state, run.device_batch(next(it), batch_sh), *teacher)
+            stop = monitor.after(n, metrics, watch.poll())
+            if n % t.checkpoint_every == 0 or n == t.num_steps or stop:
+                # Log step n before its checkpoint exists (a kill in between would lose
+                # its line for good); all processes read step n's stop flag here alike.
+                stop = monitor.flush() or stop
+                run.save_state(ckpts, state, it.get_state())
+            if stop:
+                break
+        monitor.flush()
+    if stop and n < t.num_steps:
+        ckpts.wait()
+        raise preemption.Preempted(n, watch.signal_name or "a signal to another process", str(workdir))
     return state
 
 
@@ -236,29 +337,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     setup = run.build(config, tokenizer.vocab_size)
     print(run.describe_policy(config, setup), flush=True)
     step_fn, batch_sh = make_train_step(setup, config)
-    mngr = run.checkpoint_manager(workdir, config)
+    ckpts = checkpoints.Checkpoints(workdir, keep=config.train.keep_checkpoints)
     it = pipeline.make_train_iterator(
         train_split, config.data, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
-    state = initial_state(config, setup, mngr, it)
-    # Distillation: the init_from weights, frozen, as the teacher (read again, also on a
-    # fresh start: the step donates state.params, so the teacher needs buffers of its own).
-    teacher = (run.load_params(setup, config.init_from),) if distills(config) else ()
-
-    t = config.train
-    start = int(jax.device_get(state.step))
-    with MetricsLog(workdir, Progress(t.num_steps, start, label=config.label), primary) as mlog:
-        for step in range(start, t.num_steps):
-            state, metrics = step_fn(state, run.device_batch(next(it), batch_sh), *teacher)
-            last = step + 1 == t.num_steps
-            if (step + 1) % t.log_every == 0 or last:
-                mlog.write(step + 1, metrics, float(setup.schedule(step)))
-            if (step + 1) % t.checkpoint_every == 0 or last:
-                run.save_state(mngr, state, it.get_state())
-    if mngr.latest_step() != int(jax.device_get(state.step)):
-        run.save_state(mngr, state, it.get_state())  # e.g. 0 steps: post-training compression
-    mngr.close()
+    try:
+        state = initial_state(config, setup, ckpts, it)
+        # Distillation: the init_from weights, frozen, as the teacher (read again, also on
+        # a fresh start: the step donates state.params, so the teacher needs its own buffers).
+        teacher = (run.load_params(setup, config.init_from),) if distills(config) else ()
+        state = _train_loop(config, workdir, setup, (step_fn, batch_sh, teacher), state, it, ckpts)
+        if ckpts.latest_step() != int(jax.device_get(state.step)):
+            run.save_state(ckpts, state, it.get_state())  # e.g. 0 steps: post-training compression
+    finally:
+        ckpts.close()  # waits for the pending write (and raises its error)
     if not config.eval.at_end:
         return {}
     decode = dict(state=state, setup=setup, eval_step=evaluate_lib.make_eval_step(setup, config))
