@@ -7,6 +7,38 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+_CACHE_ENV = "USMQS_TEST_JAX_CACHE"
+
+
+def pytest_configure(config):
+    """One JAX compilation cache for the whole test run, fresh each run: the xdist workers
+    and every subprocess a test starts (CLI runs, multi-process jobs) inherit it from
+    this process's environment, so the many runs of the same micro model compile their
+    programs once. (Set before any test module imports JAX; workers start after this.)"""
+    import os
+    import tempfile
+
+    if _CACHE_ENV in os.environ:  # an xdist worker: the controller made it
+        return
+    cache = tempfile.mkdtemp(prefix="usmqs-test-jax-cache-")
+    config._usmqs_jax_cache = cache
+    os.environ.update({
+        _CACHE_ENV: cache,
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    })
+
+
+def pytest_unconfigure(config):
+    import os
+    import shutil
+
+    cache = getattr(config, "_usmqs_jax_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+        for key in (_CACHE_ENV, "JAX_COMPILATION_CACHE_DIR"):
+            os.environ.pop(key, None)
 
 
 def micro_overrides() -> list[str]:

@@ -126,7 +126,7 @@ def test_a_trained_run_exports_its_kernels_and_decodes_like_its_checkpoint(tmp_p
     assert json.loads((workdir / "export/size.json").read_text()) == report
     # The export, read from the checkpoint layer by layer, serves its fake-quant kernels.
     setup = run.build(cfg, run.load_tokenizer(workdir).vocab_size)
-    state = run.restore_latest(workdir, cfg, setup)
+    state = run.restore_latest(workdir, setup)
     served = export.load_export(workdir / "export", config=cfg)
     assert served.metadata["step"] == 2
     assert_bitwise(fake_quant_kernels(nnx.merge(setup.graphdef, state.params, state.rest)), _served_kernels(served))

@@ -99,7 +99,10 @@ def restore_newest(
 
 
 def _brief(error: BaseException) -> str:
-    """The error's type and first line, without tensorstore's spec dump."""
+    """Type and first line of the error it was raised from (tensorstore's, which names
+    the file and what is wrong with it, under Orbax's generic one), without spec dumps."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = (str(error).splitlines() or [""])[0].split(" See full TensorStore details")[0]
     return f"{type(error).__name__}: {text}"
 
