@@ -5,7 +5,8 @@ cycles, nothing imports a layer above it) and functions stay short.
 
 The layering (lowest first; a module imports only from its own package or lower layers):
 
-    data, compress, sharding, distributed, storage   (independent of each other)
+    storage                                  clear errors for failed writes, atomic files
+    data, compress, sharding, distributed    (independent of each other)
     models                                   the Conformer; calls `compress` layers
     config                                   the schema: every block's keys, validation
     run                                      what every command needs from a workdir
@@ -26,7 +27,8 @@ import sys
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "usmqs"
 
 LAYERS = (
-    ("data", "compress", "sharding", "distributed", "storage"),
+    ("storage",),
+    ("data", "compress", "sharding", "distributed"),
     ("models",),
     ("config",),
     ("run",),
