@@ -25,6 +25,28 @@ def micro_overrides() -> list[str]:
     return [f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in micro.items() if tiny[k] != v]
 
 
+def disk_full_for(monkeypatch, name: str) -> None:
+    """Make the atomic writes (`usmqs.storage`) of files called `name` fail as on a full
+    disk: `os.fsync` of their temporary file raises OSError(ENOSPC), as a filesystem with
+    delayed allocation does when the data written does not fit."""
+    import errno
+    import os
+
+    fsync = os.fsync
+
+    def full(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}.tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+
+
+def listing(folder: pathlib.Path) -> list[str]:
+    """The names in `folder`, sorted, hidden ones (temporary files) included."""
+    return sorted(p.name for p in folder.iterdir())
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> dict[str, pathlib.Path]:
     """120 train + 24 test + 24 dev utterances of the embedded corpus (seconds to make)."""
