@@ -15,6 +15,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import types
 
@@ -22,9 +23,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, micro_overrides
+from conftest import ROOT, disk_full_for, listing, micro_overrides
 from usmqs import config as config_lib
-from usmqs import study, study_report
+from usmqs import storage, study, study_report
 from usmqs.compress.policy import PAPER_SETTINGS
 
 # configs/tiny.py:micro's model and data, as overrides of a study config.
@@ -291,6 +292,47 @@ def test_librispeech_study_dry_run_checks_the_packed_exports(tmp_path, jax_cache
         done = _json(wd / sub / "done.json")
         assert done["export_wer"] == done["eval"]["wer"]
     assert "decoded from its packed export, every run gives the same WER" in (wd / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------ full disks
+
+
+def _outputs(folder: pathlib.Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("name", [study_report.RESULTS_FILE, study_report.REPORT_FILE, study_report.PARETO_FILE])
+def test_study_outputs_on_a_full_disk_keep_the_previous_files(tmp_path, monkeypatch, name):
+    cfg = config_lib.load_config(f"{DEMO}:settings=int2/int4+2:4")
+    records = _records()
+    study_report.write_outputs(tmp_path, records, cfg, study.plan(cfg))
+    before = _outputs(tmp_path)
+    records[R(QAT, "int2")] = _record(0.5, 300, 2.0)
+    disk_full_for(monkeypatch, name)
+    with pytest.raises(storage.WriteError, match=f"cannot write the .* to {re.escape(str(tmp_path / name))}: no space"):
+        study_report.write_outputs(tmp_path, records, cfg, study.plan(cfg))
+    after = _outputs(tmp_path)
+    assert sorted(after) == ["pareto.png", "report.md", "results.json"]  # no temporary left
+    assert after[name] == before[name]
+
+
+@pytest.mark.parametrize("what", ["README", "plot"])
+def test_a_readme_update_on_a_full_disk_keeps_the_readme(tmp_path, monkeypatch, what):
+    wd, readme = tmp_path / "study", tmp_path / "README.md"
+    wd.mkdir()
+    readme.write_text(f"# x\n{study_report.README_BEGIN}\nold table\n{study_report.README_END}\n")
+    cfg = config_lib.load_config(f"{DEMO}:settings=int4+2:4")
+    cfg.study.float_control = False
+    records = {r: rec for r, rec in _records().items() if r.name != "int2"}
+    study_report.write_outputs(wd, records, cfg, study.plan(cfg))
+    name = "README.md" if what == "README" else "study_pareto.png"
+    disk_full_for(monkeypatch, name)
+    with pytest.raises(storage.WriteError, match=f"to .*/{name}: no space left on device"):
+        study_report.update_readme(readme, wd)
+    assert "old table" in readme.read_text()
+    assert listing(tmp_path) == ["README.md", "docs", "study"]
+    # The plot is copied before the README is written: the new one stays when the README fails.
+    assert listing(tmp_path / "docs") == ([] if what == "plot" else ["study_pareto.png"])
 
 
 # ------------------------------------------------------------------- plan and configs

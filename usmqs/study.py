@@ -64,7 +64,7 @@ from collections.abc import Iterator, Mapping
 import ml_collections
 
 from usmqs import config as config_lib
-from usmqs import distributed, study_report
+from usmqs import distributed, storage, study_report
 from usmqs import export as export_lib
 from usmqs import train as train_lib
 
@@ -345,9 +345,7 @@ def _execute(cfg, run: StudyRun, run_dir: pathlib.Path, workdir) -> dict:
         "config": run_identity(cfg, workdir),
     }
     if distributed.is_primary():  # written whole or not at all: its presence marks the run finished
-        tmp = run_dir / f".{DONE_FILE}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, run_dir / DONE_FILE)
+        storage.write_text_atomic(run_dir / DONE_FILE, json.dumps(record, indent=2) + "\n", "the run's record")
     return record
 
 

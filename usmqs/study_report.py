@@ -16,14 +16,14 @@ float baseline is the run whose method is "float"; every table needs its record.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import pathlib
-import shutil
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from usmqs import storage
 from usmqs.compress.policy import NAMED_POLICIES, NAMED_PRUNING_DEFAULTS
 
 # The paper's headline: int4 + 2:4 on the 2B USM = 9.4 % of the fp32 size (3 bits per
@@ -358,7 +358,7 @@ def write_report(
         _cost_table(records, plan_),
         "",
     ]
-    _atomic_write(pathlib.Path(path), "\n".join(md))
+    storage.write_text_atomic(path, "\n".join(md), "the study report")
 
 
 # ------------------------------------------------------------------------------ plot
@@ -404,9 +404,9 @@ def plot_pareto(path, rows: Sequence[dict]) -> None:
     )
     _pareto_axes(ax, [100 * r["size_ratio"] for r in rows] + [p["size_percent"]], ys_all)
     fig.tight_layout()
-    tmp = pathlib.Path(path).with_name(f".{pathlib.Path(path).name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    storage.write_bytes_atomic(path, png.getvalue(), "the pareto plot")
 
 
 def _pareto_axes(ax, xs: Sequence[float], ys: Sequence[float]) -> None:
@@ -434,18 +434,13 @@ def _pareto_axes(ax, xs: Sequence[float], ys: Sequence[float]) -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(workdir, records: Mapping[Run, dict], config, plan_: Sequence[Run]) -> list[dict]:
     """results.json, report.md and pareto.png in `workdir` from the finished runs'
-    records (`plan_`: every run of the study, finished or not); returns the rows."""
+    records (`plan_`: every run of the study, finished or not), each replaced atomically
+    (a full disk: `storage.WriteError` naming the file); returns the rows."""
     workdir = pathlib.Path(workdir)
     rows = result_rows(records)
-    _atomic_write(workdir / RESULTS_FILE, json.dumps(rows, indent=2) + "\n")
+    storage.write_text_atomic(workdir / RESULTS_FILE, json.dumps(rows, indent=2) + "\n", "the study results")
     write_report(workdir / REPORT_FILE, rows, records, config, plan_)
     plot_pareto(workdir / PARETO_FILE, rows)
     return rows
@@ -456,7 +451,8 @@ def update_readme(readme, workdir) -> pathlib.Path:
 
     The plot is copied to ``docs/<workdir name>_pareto.png`` next to `readme`; the table
     and the reading notes are report.md's. Raises ValueError if the study is partial or
-    the README has no markers (nothing is written then).
+    the README has no markers (nothing is written then); each file is replaced atomically
+    (a full disk: `storage.WriteError` naming the file).
     """
     readme, workdir = pathlib.Path(readme), pathlib.Path(workdir)
     report = (workdir / REPORT_FILE).read_text()
@@ -466,12 +462,13 @@ def update_readme(readme, workdir) -> pathlib.Path:
     if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
         raise ValueError(f"{readme}: needs exactly one {README_BEGIN!r} ... {README_END!r} block")
     image = readme.parent / "docs" / f"{workdir.name}_pareto.png"
-    image.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(workdir / PARETO_FILE, image)
+    with storage.writing(image.parent, "the README's images"):
+        image.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes_atomic(image, (workdir / PARETO_FILE).read_bytes(), "the README's plot")
     body = report.split("\n", 1)[1].strip()  # without the "# Compression study" title
     body = body.replace("![pareto](pareto.png)", f"![pareto]({image.relative_to(readme.parent)})")
     body = body.replace("\n## ", "\n#### ")  # report sections, below the README's own
     head, rest = text.split(README_BEGIN)
     _, tail = rest.split(README_END)
-    _atomic_write(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
+    storage.write_text_atomic(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}", "the README")
     return image
