@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 
 import pytest
@@ -55,6 +56,49 @@ def micro_overrides() -> list[str]:
     tiny = flat(config_lib.load_config(str(ROOT / "configs/tiny.py")).to_dict())
     micro = flat(config_lib.load_config(f"{ROOT / 'configs/tiny.py'}:micro").to_dict())
     return [f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in micro.items() if tiny[k] != v]
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: pathlib.Path, size: str):
+    """A tmpfs of `size` (e.g. "1m") mounted at `folder` for the block (root only: the
+    test is skipped, with the reason, where mounting is not allowed)."""
+    import os
+    import shutil
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a size-limited tmpfs needs root and mount(8)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def disk_full_for(monkeypatch, name: str) -> None:
+    """Make the atomic writes (`usmqs.storage`) of files called `name` fail as on a full
+    disk: `os.fsync` of their temporary file raises OSError(ENOSPC), as a filesystem with
+    delayed allocation does when the data written does not fit."""
+    import errno
+    import os
+
+    fsync = os.fsync
+
+    def full(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}.tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+
+
+def listing(folder: pathlib.Path) -> list[str]:
+    """The names in `folder`, sorted, hidden ones (temporary files) included."""
+    return sorted(p.name for p in folder.iterdir())
 
 
 @pytest.fixture(scope="session")

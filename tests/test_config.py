@@ -1,10 +1,13 @@
 """Config files, declared colon arguments, --config overrides, validation, saved configs."""
 
 import pathlib
+import re
 
 import pytest
 
+from conftest import disk_full_for, listing
 from usmqs import config as config_lib
+from usmqs import storage
 from usmqs.config import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -74,6 +77,20 @@ def test_saved_config_reloads_equal(tmp_path):
     assert config_lib.load_saved(tmp_path, ["seed=3"]).seed == 3
     with pytest.raises(FileNotFoundError, match="config.json"):
         config_lib.load_saved(tmp_path / "nowhere")
+
+
+def test_a_config_save_on_a_full_disk_keeps_the_saved_one(tmp_path, monkeypatch):
+    cfg = config_lib.load(str(ROOT / "configs/tiny.py"))
+    config_lib.save(cfg, tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    cfg.seed = 3
+    disk_full_for(monkeypatch, "config.json")
+    path = re.escape(str(tmp_path / "config.json"))
+    with pytest.raises(storage.WriteError, match=f"cannot write the run's config to {path}: "
+                       r"no space left on device \(.* MiB free of .* MiB on that filesystem\)"):
+        config_lib.save(cfg, tmp_path)
+    assert (tmp_path / "config.json").read_text() == before
+    assert listing(tmp_path) == ["config.json"]
 
 
 def test_split_overrides():

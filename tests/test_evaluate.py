@@ -1,12 +1,15 @@
-"""CTC decoders and scoring."""
+"""CTC decoders, scoring, and the files a decoding writes."""
 
 import itertools
+import json
 import math
+import re
 
 import numpy as np
 import pytest
 
-from usmqs import evaluate
+from conftest import disk_full_for, listing
+from usmqs import evaluate, storage
 
 
 def _log_probs(probs):
@@ -73,3 +76,22 @@ def test_score_counts_words_and_chars():
     assert m["cer"] == pytest.approx(1 / len("call mom now" + "play jazz"), rel=0.2)
     with pytest.raises(ValueError):
         evaluate.score([], [])
+
+
+@pytest.mark.parametrize("name", ["predictions.jsonl", "eval.json"])
+def test_results_written_on_a_full_disk_keep_the_previous_file(tmp_path, monkeypatch, name):
+    row = {"audio_filepath": "a.wav", "text": "call mom", "pred_text": "call tom"}
+    evaluate.write_results(tmp_path, {"wer": 0.5}, [row])
+    before = {f: (tmp_path / f).read_text() for f in ("eval.json", "predictions.jsonl")}
+    disk_full_for(monkeypatch, name)
+    path = re.escape(str(tmp_path / name))
+    with pytest.raises(storage.WriteError, match=f"cannot write .* to {path}: no space left on device"):
+        evaluate.write_results(tmp_path, {"wer": 0.0}, [{**row, "pred_text": "call mom"}])
+    assert (tmp_path / name).read_text() == before[name]
+    if name == "predictions.jsonl":  # written first: eval.json is not written after it fails
+        assert (tmp_path / "eval.json").read_text() == before["eval.json"]
+    assert listing(tmp_path) == ["eval.json", "predictions.jsonl"]
+    monkeypatch.undo()
+    evaluate.write_results(tmp_path, {"wer": 0.0}, [row, row], suffix="_dev")
+    assert json.loads((tmp_path / "eval_dev.json").read_text()) == {"wer": 0.0}
+    assert [json.loads(line) for line in (tmp_path / "predictions_dev.jsonl").read_text().splitlines()] == [row, row]

@@ -10,11 +10,10 @@ import json
 import logging
 import os
 import pathlib
-import subprocess
 
 import pytest
 
-from conftest import tiny_config
+from conftest import small_tmpfs, tiny_config
 from usmqs import checkpoints, evaluate, run, storage, train
 
 
@@ -72,16 +71,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(small_corpus
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    """A 16 MiB tmpfs at tmp_path/fs (root only; skipped where mounting is not allowed)."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): needs root")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with small_tmpfs(tmp_path / "fs", "16m") as folder:
+        yield folder
 
 
 def test_a_full_disk_during_a_checkpoint_names_the_path_and_keeps_the_last_one(small_corpus, small_filesystem):

@@ -5,8 +5,9 @@ cycles, nothing imports a layer above it) and functions stay short.
 
 The layering (lowest first; a module imports only from its own package or lower layers):
 
+    storage                                  clear errors for failed writes, atomic files
     data, compress, sharding, distributed,
-    storage, preemption                      (independent of each other)
+    preemption                               (independent of each other)
     models                                   the Conformer; calls `compress` layers
     checkpoints                              async, fall-back restores; uses `storage`
     config                                   the schema: every block's keys, validation
@@ -28,7 +29,8 @@ import sys
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "usmqs"
 
 LAYERS = (
-    ("data", "compress", "sharding", "distributed", "storage", "preemption"),
+    ("storage",),
+    ("data", "compress", "sharding", "distributed", "preemption"),
     ("models", "checkpoints"),
     ("config",),
     ("run",),

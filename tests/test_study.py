@@ -3,18 +3,21 @@ report.md, pareto.png and the README block (usmqs/study_report.py).
 
 What needs training is checked on one study of the micro model (`demo_study`), trained
 once per test session and shared, also between xdist workers; the tests that change a
-study work on a copy. Everything else is checked on loaded configs and hand-made records.
+study work on a copy. Failed runs and full disks are checked on studies whose runs train
+nothing (`fake_runs`). Everything else is checked on loaded configs and hand-made records.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import fcntl
 import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import types
 
@@ -22,9 +25,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, micro_overrides
+from conftest import ROOT, disk_full_for, listing, micro_overrides
 from usmqs import config as config_lib
-from usmqs import study, study_report
+from usmqs import storage, study, study_report
 from usmqs.compress.policy import PAPER_SETTINGS
 
 # configs/tiny.py:micro's model and data, as overrides of a study config.
@@ -293,6 +296,198 @@ def test_librispeech_study_dry_run_checks_the_packed_exports(tmp_path, jax_cache
     assert "decoded from its packed export, every run gives the same WER" in (wd / "report.md").read_text()
 
 
+# ----------------------------------------------------- failed runs, full disks (no training)
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """Study runs that train and export nothing: `train_and_evaluate` and `export_workdir`
+    return made-up numbers at once (WER 20 % for float runs, 25 % for the others);
+    ``faults[tag] = exc`` makes that run's training raise `exc`. ``calls``: the tags of
+    the runs started, in order."""
+    fake = types.SimpleNamespace(calls=[], faults={})
+
+    def train(cfg, run_dir):
+        tag = cfg.label.rsplit(" ", 1)[0]
+        fake.calls.append(tag)
+        if tag in fake.faults:
+            raise fake.faults[tag]
+        wer = 0.2 if cfg.policy.name == "float" else 0.25
+        return {"wer": wer, "cer": 0.1, "num_utterances": 2, "num_words": 10, "step": cfg.train.num_steps}
+
+    def export(cfg, run_dir):
+        return {
+            "total_bytes": 1000, "model_bytes": 900, "fp32_bytes": 4000, "num_params": 1000, "size_ratio": 0.225,
+            "compressed_layers_bits_per_weight": None, "compressed_layers_bits_per_weight_no_scales": None,
+        }
+
+    monkeypatch.setattr(study.train_lib, "train_and_evaluate", train)
+    monkeypatch.setattr(study.export_lib, "export_workdir", export)
+    return fake
+
+
+def _fake_study_config(jax_cache):
+    """The demo study of int8: baseline, PTQ, float control, QAT (4 runs)."""
+    return _study_config(f"{DEMO}:settings=int8", jax_cache, "study.compile_cache=False")[0]
+
+
+def _failing_study(fake_runs, wd, jax_cache, tag: str, exc: Exception, match: str):
+    """The `_fake_study_config` study in `wd` with run `tag` raising `exc`: it ends in a
+    StudyError matching `match`; its config."""
+    cfg = _fake_study_config(jax_cache)
+    fake_runs.faults[tag] = exc
+    with pytest.raises(study.StudyError, match=match):
+        study.run_study(cfg, wd)
+    return cfg
+
+
+def test_a_failed_run_is_recorded_and_the_study_goes_on(fake_runs, tmp_path, jax_cache, capsys):
+    wd = tmp_path / "study"
+    cfg = _failing_study(
+        fake_runs, wd, jax_cache, "qat float", FloatingPointError("loss is nan at step 3"),
+        r"^1 of 4 runs failed: qat float: FloatingPointError: loss is nan at step 3\. "
+        f"Details in {re.escape(str(wd))}/report.md and each run's failed.json",
+    )
+    assert fake_runs.calls == ["float float", "ptq int8", "qat float", "qat int8"]  # it went on
+    error = "FloatingPointError: loss is nan at step 3"
+    assert f"[qat float 3/4] FAILED: {error} (traceback in {wd}/qat/float/failed.json)" in capsys.readouterr().out
+    failed = _json(wd / "qat/float/failed.json")
+    assert failed["error"] == error and failed["error_type"] == "FloatingPointError"
+    assert failed["traceback"][-1] == failed["error"] and 1 < len(failed["traceback"]) <= study.TRACEBACK_LINES
+    assert failed["config"] == study.run_identity(study.run_config(cfg, R(QAT, "float"), wd), wd)
+    assert sorted(str(p.relative_to(wd)) for p in wd.rglob("*.json") if p.parent != wd) == [
+        "float/done.json", "ptq/int8/done.json", "qat/float/failed.json", "qat/int8/done.json",
+    ]
+    # results.json and report.md are complete, the failure shown in them.
+    rows = _by(_json(wd / "results.json"))
+    assert {k: (r["status"], r["error"], r["wer"]) for k, r in rows.items()} == {
+        ("float", "float"): ("done", None, 0.2), ("float", "qat"): ("failed", failed["error"], None),
+        ("int8", "ptq"): ("done", None, 0.25), ("int8", "qat"): ("done", None, 0.25),
+    }
+    report = (wd / "report.md").read_text()
+    assert "Status: partial: 3/4 runs finished, 1 failed." in report
+    assert f"| float | 32 | 22.50 | 20.00 | — | FAILED: {error} | — | — |" in report
+    assert "## Failed runs" in report and f"| qat float | {error} |" in report
+    assert "| qat float | FAILED | | | | | |" in report  # run costs
+
+    # Rerun with the fault gone: only the failed run runs again, and the study completes.
+    fake_runs.faults.clear()
+    fake_runs.calls.clear()
+    rows = study.run_study(cfg, wd)
+    assert fake_runs.calls == ["qat float"]
+    assert not (wd / "qat/float/failed.json").exists() and (wd / "qat/float/done.json").is_file()
+    assert [r["status"] for r in rows] == ["done"] * 4 and _json(wd / "results.json") == rows
+    assert "Status: complete." in (wd / "report.md").read_text()
+
+
+def test_runs_that_start_from_a_failed_baseline_are_not_run(fake_runs, tmp_path, jax_cache, capsys):
+    wd = tmp_path / "study"
+    _failing_study(
+        fake_runs, wd, jax_cache, "float float", RuntimeError("no training data"),
+        r"^1 of 4 runs failed \(3 more not run: they start from a failed run\): float float: "
+        r"RuntimeError: no training data\. Details",
+    )
+    assert fake_runs.calls == ["float float"]
+    assert "[ptq int8 2/4] FAILED: not run: it starts from float float, which failed" in capsys.readouterr().out
+    assert listing(wd) == ["float", "pareto.png", "report.md", "results.json"]
+    rows = _json(wd / "results.json")
+    assert [(r["name"], r["method"], r["status"], r["wer"]) for r in rows] == [
+        ("float", "float", "failed", None), ("float", "qat", "failed", None),
+        ("int8", "ptq", "failed", None), ("int8", "qat", "failed", None),
+    ]
+    assert rows[0]["error"] == "RuntimeError: no training data"
+    assert rows[2]["error"] == "not run: it starts from float float, which failed"
+    report = (wd / "report.md").read_text()
+    assert "Status: partial: 0/4 runs finished, 4 failed. No table: the float baseline" in report
+    assert "| ptq int8 | not run: it starts from float float, which failed |" in report
+
+
+class Preempted(Exception):
+    """Stands for the training loop's preemption (a run stopped to be resumed)."""
+
+
+@pytest.mark.parametrize("fault", ["done.json full", "WriteError", "ENOSPC", "KeyboardInterrupt", "Preempted"])
+def test_what_stops_the_whole_study(fake_runs, tmp_path, jax_cache, monkeypatch, fault):
+    """A full disk (wherever it shows up), Ctrl-C, or what the study is told aborts on
+    (`study.ABORTS_STUDY`) stop the study at once: not recorded as a failed run."""
+    cfg, wd = _fake_study_config(jax_cache), tmp_path / "study"
+    monkeypatch.setattr(study, "ABORTS_STUDY", (*study.ABORTS_STUDY, Preempted))
+    here = re.escape(str(wd))
+    if fault == "done.json full":
+        disk_full_for(monkeypatch, "done.json")
+        expected, match, calls = storage.WriteError, f"cannot write the run's record to {here}/float/done.json", 1
+    else:
+        fake_runs.faults["ptq int8"], expected, match = {
+            "WriteError": (storage.WriteError("cannot write x", path=wd, free_bytes=0), storage.WriteError, "x"),
+            "ENOSPC": (OSError(errno.ENOSPC, "No space left on device"), storage.WriteError,
+                       f"cannot write the ptq int8 run to {here}/ptq/int8: no space left on device"),
+            "KeyboardInterrupt": (KeyboardInterrupt(), KeyboardInterrupt, None),
+            "Preempted": (Preempted(), Preempted, None),
+        }[fault]
+        calls = 2
+    with pytest.raises(expected, match=match):
+        study.run_study(cfg, wd)
+    assert fake_runs.calls == ["float float", "ptq int8"][:calls]
+    assert not list(wd.rglob("failed.json")) and not list(wd.rglob(".*tmp*"))
+    assert (wd / "float/done.json").is_file() == (calls == 2)
+
+
+def _outputs(folder: pathlib.Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("name", [study_report.RESULTS_FILE, study_report.REPORT_FILE, study_report.PARETO_FILE])
+def test_study_outputs_on_a_full_disk_keep_the_previous_files(tmp_path, monkeypatch, name):
+    cfg = config_lib.load_config(f"{DEMO}:settings=int2/int4+2:4")
+    records = _records()
+    study_report.write_outputs(tmp_path, records, cfg, study.plan(cfg))
+    before = _outputs(tmp_path)
+    records[R(QAT, "int2")] = _record(0.5, 300, 2.0)
+    disk_full_for(monkeypatch, name)
+    with pytest.raises(storage.WriteError, match=f"cannot write the .* to {re.escape(str(tmp_path / name))}: no space"):
+        study_report.write_outputs(tmp_path, records, cfg, study.plan(cfg))
+    after = _outputs(tmp_path)
+    assert sorted(after) == ["pareto.png", "report.md", "results.json"]  # no temporary left
+    assert after[name] == before[name]
+
+
+@pytest.mark.parametrize("what", ["README", "plot"])
+def test_a_readme_update_on_a_full_disk_keeps_the_readme(tmp_path, monkeypatch, what):
+    wd, readme = tmp_path / "study", tmp_path / "README.md"
+    wd.mkdir()
+    readme.write_text(f"# x\n{study_report.README_BEGIN}\nold table\n{study_report.README_END}\n")
+    cfg = config_lib.load_config(f"{DEMO}:settings=int4+2:4")
+    cfg.study.float_control = False
+    records = {r: rec for r, rec in _records().items() if r.name != "int2"}
+    study_report.write_outputs(wd, records, cfg, study.plan(cfg))
+    name = "README.md" if what == "README" else "study_pareto.png"
+    disk_full_for(monkeypatch, name)
+    with pytest.raises(storage.WriteError, match=f"to .*/{name}: no space left on device"):
+        study_report.update_readme(readme, wd)
+    assert "old table" in readme.read_text()
+    assert listing(tmp_path) == ["README.md", "docs", "study"]
+    # The plot is copied before the README is written: the new one stays when the README fails.
+    assert listing(tmp_path / "docs") == ([] if what == "plot" else ["study_pareto.png"])
+
+
+def test_failed_runs_in_rows_table_and_plot(tmp_path):
+    """A failed setting: no values, FAILED and its error (one line, escaped) in the
+    table, no point in the plot; a failed seed: the others' mean, marked."""
+    failures = {R(QAT, "int2"): {"error": "ValueError: a | b\nsecond line"}}
+    rows = study_report.result_rows(_records(), failures)
+    int2 = _by(rows)[("int2", "qat")]
+    assert (int2["status"], int2["error"], int2["wer"], int2["size_ratio"], int2["wer_seeds"]) == (
+        "failed", "ValueError: a | b\nsecond line", None, None, []
+    )
+    table = study_report.format_table(rows)
+    assert "| int2 | 2 | 7.50 | 20.00 | 300.00 | FAILED: ValueError: a \\| b second line | +1400.0 | — |" in table
+    study_report.plot_pareto(tmp_path / "p.png", rows)
+    seeds = study_report.result_rows(_seed_records(), {R(QAT, "int4+2:4", 3): {"error": "RuntimeError: x"}})
+    qat = _by(seeds)[("int4+2:4", "qat")]
+    assert qat["error"] == "qat int4+2:4 seed3: RuntimeError: x" and qat["wer"] == pytest.approx(0.25)
+    assert "| 25.00 ± 1.00 (a seed FAILED) |" in study_report.format_table(seeds)
+
+
 # ------------------------------------------------------------------- plan and configs
 
 
@@ -468,6 +663,7 @@ def test_result_rows_from_records():
         "size_bytes": 300, "size_ratio": 0.075, "wer": 3.0, "rel_wer_regression": pytest.approx(14.0),
         "dev_wer": None,  # the records have no dev split
         "wer_seeds": [3.0], "dev_wer_seeds": [],
+        "status": "done", "error": None,
     }
     assert by[("float", "float")]["bits_per_weight"] == 32.0
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from usmqs import distributed, sharding
+from usmqs import distributed, sharding, storage
 from usmqs.compress.policy import NAMED_POLICIES, NAMED_PRUNING_DEFAULTS, PAPER_SETTINGS, policy_from_config
 from usmqs.data import pipeline
 from usmqs.models import presets
@@ -84,10 +84,10 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
 
 
 def save(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
-    """Write the resolved `config` to ``workdir/config.json`` (what `load_saved` reads)."""
+    """Write the resolved `config` to ``workdir/config.json`` (what `load_saved` reads),
+    atomically (`storage.write_text_atomic`: a failed write keeps the previous file)."""
     path = pathlib.Path(workdir) / SAVED_CONFIG_FILE
-    path.write_text(config.to_json_best_effort(indent=2) + "\n")
-    return path
+    return storage.write_text_atomic(path, config.to_json_best_effort(indent=2) + "\n", "the run's config")
 
 
 def load_saved(workdir: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

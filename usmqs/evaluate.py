@@ -18,7 +18,7 @@ import jiwer
 import numpy as np
 from flax import nnx
 
-from usmqs import distributed, run
+from usmqs import distributed, run, storage
 from usmqs.data import pipeline
 
 
@@ -171,12 +171,14 @@ def summary_line(metrics: dict, what: str = "") -> str:
 
 
 def write_results(workdir, metrics: dict, rows: list[dict], *, suffix: str = "") -> None:
-    """`eval{suffix}.json` and `predictions{suffix}.jsonl` (rows: audio_filepath, text, pred_text)."""
+    """`predictions{suffix}.jsonl` (rows: audio_filepath, text, pred_text), then
+    `eval{suffix}.json`, each replaced atomically (`storage.write_text_atomic`): a failed
+    write (a full disk: `storage.WriteError` naming the file) leaves the previous file."""
     workdir = pathlib.Path(workdir)
-    (workdir / f"eval{suffix}.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with open(workdir / f"predictions{suffix}.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    predictions = "".join(json.dumps(row) + "\n" for row in rows)
+    storage.write_text_atomic(workdir / f"predictions{suffix}.jsonl", predictions, "the predictions")
+    scores = json.dumps(metrics, indent=2) + "\n"
+    storage.write_text_atomic(workdir / f"eval{suffix}.json", scores, "the evaluation scores")
 
 
 def run_decoding(log_prob_fn, split, data_cfg, tokenizer, eval_cfg) -> tuple[dict, list[dict]]:

@@ -95,18 +95,24 @@ def writing(path: str | os.PathLike, what: str) -> Iterator[None]:
         raise
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, what: str) -> pathlib.Path:
-    """Write `text` to `path` through a temporary sibling and `os.replace`: readers see the
-    old file or the new one, never half of one. Errors as `writing`."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, what: str) -> pathlib.Path:
+    """Write `data` to `path` through a temporary sibling and `os.replace`: readers see the
+    old file or the new one, never half of one, and a failed write leaves no temporary
+    behind. Errors as `writing`."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with writing(path, what):
         try:
-            with open(tmp, "w") as f:
-                f.write(text)
+            with open(tmp, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, what: str) -> pathlib.Path:
+    """`write_bytes_atomic` of `text` in UTF-8."""
+    return write_bytes_atomic(path, text.encode("utf-8"), what)

@@ -23,12 +23,14 @@ the extra steps alone buy from what compression costs. Every run is exported
     WORKDIR/
       float/              the baseline (``config.train`` recipe, float policy)
       ptq/<NAME>/         one run dir per setting: checkpoints, eval.json, export/, done.json
+                          (failed.json instead while it has failed)
       qat/<NAME>/         ... and qat/float/, the fine-tuned float control
       qat_seed<k>/<NAME>/ the same fine-tunes with seed k (``study.finetune_seeds`` > 1)
       data_cache/         prepared features, shared by every run (unless data.cache_dir)
       results.json        rows (DESIGN.md): name, method, weight_bits, sparsity,
                           bits_per_weight, size_bytes, size_ratio, wer, rel_wer_regression;
-                          and dev_wer, wer_seeds, dev_wer_seeds (`study_report.result_rows`)
+                          and dev_wer, wer_seeds, dev_wer_seeds, status ("done" or
+                          "failed"), error (`study_report.result_rows`)
       report.md           the table, how to read it against the paper, run costs
       pareto.png          relative WER regression vs size, PTQ and QAT, the paper's point
 
@@ -36,7 +38,16 @@ Resumable: ``<run dir>/done.json`` is written atomically after a run's evaluatio
 export; a rerun skips runs that have it (and fails loudly if that run's config has
 changed since) and resumes a half-finished one from its latest checkpoint (the training
 loop resumes by itself). results.json, report.md and pareto.png are rewritten after
-every finished run, so a partial study already has a partial report.
+every finished or failed run, so a partial study already has a partial report.
+
+A run that raises (a bug, a non-finite loss, a bad input that stops it) does not stop the
+study: it is recorded in ``<run dir>/failed.json`` (error, the end of its traceback, its
+config), shown as FAILED in results.json (``status``, ``error``) and report.md, and the
+study goes on; the runs that start from it (every PTQ/QAT run starts from the baseline)
+are not run and are reported as failed, naming it. When every run has been tried,
+`run_study` raises a StudyError listing the failures, after writing the outputs. A rerun
+retries the failed runs. What would make every further run fail too aborts the study at
+once instead (`ABORTS_STUDY`: a full disk, ...), as do KeyboardInterrupt and SystemExit.
 
 Compile time: every PTQ/QAT run and the float control build their policy with runtime
 values (``study.runtime_settings``, `Policy.named(..., runtime=True)`): bits and N:M are
@@ -59,16 +70,19 @@ import json
 import os
 import pathlib
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 
 import ml_collections
 
 from usmqs import config as config_lib
-from usmqs import distributed, study_report
+from usmqs import distributed, preemption, storage, study_report
 from usmqs import export as export_lib
 from usmqs import train as train_lib
 
 DONE_FILE = "done.json"
+FAILED_FILE = "failed.json"
+TRACEBACK_LINES = 20  # the end of a failed run's traceback kept in failed.json
 EVAL_KEYS = ("wer", "cer", "num_utterances", "num_words", "step")
 
 
@@ -79,7 +93,13 @@ class Method(enum.StrEnum):
 
 
 class StudyError(RuntimeError):
-    """A study that cannot go on as configured (changed config of a finished run, ...)."""
+    """A study that cannot go on as configured (changed config of a finished run, ...),
+    or one whose runs did not all finish."""
+
+
+# Errors of a run that stop the whole study instead of failing the run alone: the
+# environment is broken (a full disk), so every further run would fail the same way.
+ABORTS_STUDY: tuple[type[BaseException], ...] = (storage.WriteError, preemption.Preempted)
 
 
 # ------------------------------------------------------------------------------ plan
@@ -345,17 +365,105 @@ def _execute(cfg, run: StudyRun, run_dir: pathlib.Path, workdir) -> dict:
         "config": run_identity(cfg, workdir),
     }
     if distributed.is_primary():  # written whole or not at all: its presence marks the run finished
-        tmp = run_dir / f".{DONE_FILE}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, run_dir / DONE_FILE)
+        storage.write_text_atomic(run_dir / DONE_FILE, json.dumps(record, indent=2) + "\n", "the run's record")
     return record
 
 
-def _write_outputs(workdir: pathlib.Path, records: Mapping[StudyRun, dict], config, runs) -> list[dict]:
+def depends_on(run: StudyRun) -> StudyRun | None:
+    """The run whose checkpoint `run` starts from (``init_from``): the baseline, for every
+    run but the baseline itself."""
+    return None if run.method is Method.FLOAT else BASELINE
+
+
+def _record_failure(cfg, run: StudyRun, run_dir: pathlib.Path, workdir, exc: Exception) -> dict:
+    """`run`'s failure record, written to failed.json (by process 0): the error on one
+    line, its type, the last `TRACEBACK_LINES` lines of its traceback and the run's
+    identity (as in done.json)."""
+    record = {
+        "name": run.name,
+        "method": str(run.method),
+        "error": f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+        "error_type": type(exc).__name__,
+        "traceback": "".join(traceback.format_exception(exc)).splitlines()[-TRACEBACK_LINES:],
+        "config": run_identity(cfg, workdir),
+    }
+    if distributed.is_primary():
+        what = "the run's failure record"
+        with storage.writing(run_dir, what):
+            run_dir.mkdir(parents=True, exist_ok=True)
+        storage.write_text_atomic(run_dir / FAILED_FILE, json.dumps(record, indent=2) + "\n", what)
+    return record
+
+
+def _attempt(cfg, run: StudyRun, label: str, workdir: pathlib.Path) -> tuple[bool, dict]:
+    """Execute `run`: (True, its done.json record), or, when it raises an ordinary
+    exception, (False, its failure record; `_record_failure`). `ABORTS_STUDY` errors, a
+    full disk (as a `storage.WriteError` naming the run dir), KeyboardInterrupt and
+    SystemExit propagate."""
+    run_dir = workdir / run.subdir
+    what = {
+        Method.FLOAT: f"train the float baseline, {cfg.train.num_steps} steps",
+        Method.PTQ: "compress the baseline, no fine-tuning",
+        Method.QAT: f"fine-tune the baseline, {cfg.train.num_steps} steps",
+    }[run.method]
+    print(f"[{label}] {what} -> {run_dir}", flush=True)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)  # tried again: a new record will say how it went
+    try:
+        record = _execute(cfg, run, run_dir, workdir)
+    except ABORTS_STUDY:
+        raise
+    except Exception as e:
+        if storage.is_out_of_space(e):
+            raise storage.describe(run_dir, f"the {run.tag} run", e) from e
+        failure = _record_failure(cfg, run, run_dir, workdir, e)
+        print(
+            f"[{label}] FAILED: {study_report.short_error(failure['error'], 200)} "
+            f"(traceback in {run_dir / FAILED_FILE}); the study goes on",
+            flush=True,
+        )
+        return False, failure
+    c = record["timing"]["compile"]
+    print(
+        f"[{label}] WER {100 * record['eval']['wer']:.2f}%  size "
+        f"{100 * record['size']['size_ratio']:.2f}% of fp32  compile {c['total_seconds']:.1f}s "
+        f"(train_step {c['train_step_seconds']:.1f}s, cache hits {c['cache_hits']})  "
+        f"train+eval {record['timing']['train_eval_seconds']:.1f}s",
+        flush=True,
+    )
+    return True, record
+
+
+def _not_run(run: StudyRun, blocker: StudyRun) -> dict:
+    """The failure record of `run`, not run because `blocker`, which it starts from, failed."""
+    return {
+        "name": run.name,
+        "method": str(run.method),
+        "error": f"not run: it starts from {blocker.tag}, which failed",
+        "depends_on": blocker.tag,
+    }
+
+
+def _failure_summary(failures: Mapping[StudyRun, dict], runs, workdir: pathlib.Path) -> str:
+    """"N of M runs failed: tag: error; ..." (runs not run for a failed one counted apart)."""
+    failed = [r for r in runs if r in failures and "depends_on" not in failures[r]]
+    not_run = sum(1 for r in runs if r in failures and "depends_on" in failures[r])
+    return (
+        f"{len(failed)} of {len(runs)} runs failed"
+        + (f" ({not_run} more not run: they start from a failed run)" if not_run else "")
+        + ": "
+        + "; ".join(f"{r.tag}: {study_report.short_error(failures[r]['error'], 200)}" for r in failed)
+        + f". Details in {workdir / study_report.REPORT_FILE} and each run's {FAILED_FILE}; "
+        "rerun the study to retry them"
+    )
+
+
+def _write_outputs(
+    workdir: pathlib.Path, records: Mapping[StudyRun, dict], config, runs, failures: Mapping[StudyRun, dict]
+) -> list[dict]:
     """results.json, report.md and pareto.png (process 0 writes them); returns the rows."""
     if distributed.is_primary():
-        return study_report.write_outputs(workdir, records, config, runs)
-    return study_report.result_rows(records)
+        return study_report.write_outputs(workdir, records, config, runs, failures)
+    return study_report.result_rows(records, failures)
 
 
 # ------------------------------------------------------------------------------ main
@@ -366,6 +474,9 @@ def run_study(
     workdir: str | os.PathLike,
 ) -> list[dict]:
     """Run (or resume) the whole study in `workdir`; returns the results.json rows.
+
+    A run that fails is recorded and the study goes on; StudyError when every run has
+    been tried and some failed (results.json, report.md, pareto.png written first).
 
     Args:
       config: a study config (``configs/study_*.py``): the baseline's config plus a
@@ -391,38 +502,28 @@ def run_study(
         flush=True,
     )
     records: dict[StudyRun, dict] = {}
-    rows: list[dict] = []
+    failures: dict[StudyRun, dict] = {}
     with compilation_cache(cache):
         for i, run in enumerate(runs, 1):
             label = f"{run.tag} {i}/{len(runs)}"
-            run_dir = workdir / run.subdir
             cfg = run_config(config, run, workdir, label=label)
-            record = load_done(run_dir, cfg, workdir)
+            record = load_done(workdir / run.subdir, cfg, workdir)
             if record is not None:
                 print(f"[{label}] done earlier: WER {100 * record['eval']['wer']:.2f}% (skipped)", flush=True)
                 records[run] = record
-                continue
-            what = {
-                Method.FLOAT: f"train the float baseline, {cfg.train.num_steps} steps",
-                Method.PTQ: "compress the baseline, no fine-tuning",
-                Method.QAT: f"fine-tune the baseline, {cfg.train.num_steps} steps",
-            }[run.method]
-            print(f"[{label}] {what} -> {run_dir}", flush=True)
-            record = _execute(cfg, run, run_dir, workdir)
-            records[run] = record
-            c = record["timing"]["compile"]
-            print(
-                f"[{label}] WER {100 * record['eval']['wer']:.2f}%  size "
-                f"{100 * record['size']['size_ratio']:.2f}% of fp32  compile {c['total_seconds']:.1f}s "
-                f"(train_step {c['train_step_seconds']:.1f}s, cache hits {c['cache_hits']})  "
-                f"train+eval {record['timing']['train_eval_seconds']:.1f}s",
-                flush=True,
-            )
-            rows = _write_outputs(workdir, records, config, runs)
-    rows = _write_outputs(workdir, records, config, runs)
+            elif depends_on(run) in failures:
+                failures[run] = _not_run(run, depends_on(run))
+                print(f"[{label}] FAILED: {failures[run]['error']}", flush=True)
+            else:
+                finished, record = _attempt(cfg, run, label, workdir)
+                (records if finished else failures)[run] = record
+                _write_outputs(workdir, records, config, runs, failures)
+    rows = _write_outputs(workdir, records, config, runs, failures)
     print(
         f"\n{study_report.format_table(rows)}\n\nresults: {workdir / study_report.RESULTS_FILE}, "
         f"{workdir / study_report.REPORT_FILE}, {workdir / study_report.PARETO_FILE}",
         flush=True,
     )
+    if failures:
+        raise StudyError(_failure_summary(failures, runs, workdir))
     return rows

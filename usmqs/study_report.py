@@ -6,24 +6,27 @@
     report.md + pareto.png -> update_readme -> the README's study block
 
 Pure rendering: nothing here trains, decodes or reads a run folder. `usmqs.study` plans
-and executes the runs, then calls `write_outputs` after each finished one; this module
-sits below it and does not import it.
+and executes the runs, then calls `write_outputs` after each finished or failed one;
+this module sits below it and does not import it.
 
 ``records`` maps each finished run to its done.json record (written by
-`usmqs.study`). A run is a `study.StudyRun`; what is read of it is `Run`. The
-float baseline is the run whose method is "float"; every table needs its record.
+`usmqs.study`); ``failures`` each run that failed (or was not run because a run it
+starts from failed) to its failure record, of which the report reads ``error`` (one line:
+``"RuntimeError: ..."``). A run is a `study.StudyRun`; what is read of it is `Run`.
+The float baseline is the run whose method is "float"; every table needs its record
+(without it, report.md lists the failures and the runs' costs only).
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import pathlib
-import shutil
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from usmqs import storage
 from usmqs.compress.policy import NAMED_POLICIES, NAMED_PRUNING_DEFAULTS
 
 # The paper's headline: int4 + 2:4 on the 2B USM = 9.4 % of the fp32 size (3 bits per
@@ -36,7 +39,7 @@ PARETO_FILE = "pareto.png"
 ROW_KEYS = (
     "name", "method", "weight_bits", "sparsity", "bits_per_weight",
     "size_bytes", "size_ratio", "wer", "rel_wer_regression", "dev_wer",
-    "wer_seeds", "dev_wer_seeds",
+    "wer_seeds", "dev_wer_seeds", "status", "error",
 )
 METHODS = ("float", "ptq", "qat")  # `study.Method`'s values, in the rows' order
 README_BEGIN = "<!-- study:begin (written by `usmqs study --update-readme`; do not edit) -->"
@@ -54,11 +57,9 @@ class Run(Protocol):
     def tag(self) -> str: ...  # e.g. "qat int4+2:4 seed1", the run costs' first column
 
 
-def _baseline(records: Mapping[Run, dict]) -> dict:
-    for run, record in records.items():
-        if run.method == "float":
-            return record
-    raise KeyError("no record of the float baseline: every table is relative to it")
+def _baseline(records: Mapping[Run, dict]) -> dict | None:
+    """The float baseline's record; None if it has not finished."""
+    return next((record for run, record in records.items() if run.method == "float"), None)
 
 
 # ------------------------------------------------------------------------------ rows
@@ -75,9 +76,9 @@ def rel_regression(wer: float, float_wer: float) -> float | None:
     return (wer - float_wer) / float_wer if float_wer > 0 else None
 
 
-def result_rows(records: Mapping[Run, dict]) -> list[dict]:
-    """results.json rows (DESIGN.md) for the finished runs: baseline first, then the
-    float control, then per setting PTQ and QAT. Needs the baseline's record.
+def result_rows(records: Mapping[Run, dict], failures: Mapping[Run, dict] | None = None) -> list[dict]:
+    """results.json rows (DESIGN.md) for the finished and the failed runs: baseline
+    first, then the float control, then per setting PTQ and QAT.
 
     ``bits_per_weight`` is over the compressed layers, values + N:M indices without the
     scales (the paper's accounting: int4 + 2:4 = 3); 32 for a float model.
@@ -89,34 +90,56 @@ def result_rows(records: Mapping[Run, dict]) -> list[dict]:
     of its finished seeds: ``wer`` and ``dev_wer`` are their means (the regression is
     the mean's), ``wer_seeds`` / ``dev_wer_seeds`` the per-seed values in seed order,
     sizes those of its first seed. Other rows have one value in ``wer_seeds``.
+    ``status`` is "failed" when a run of the row failed, with ``error`` saying what
+    (prefixed by the run's tag when the row has several), else "done" (``error`` None);
+    a row none of whose runs finished has None for every measured value. The relative
+    regression is None while the baseline has no record.
     """
-    float_wer = _baseline(records)["eval"]["wer"]
+    failures = failures or {}
+    base = _baseline(records)
+    float_wer = None if base is None else base["eval"]["wer"]
     position = {n: i for i, n in enumerate(NAMED_POLICIES)}
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for run in sorted(records, key=lambda r: (position[r.name], METHODS.index(r.method), r.seed)):
-        groups.setdefault((run.name, str(run.method)), []).append(records[run])
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in sorted({*records, *failures}, key=lambda r: (position[r.name], METHODS.index(r.method), r.seed)):
+        groups.setdefault((run.name, str(run.method)), []).append(run)
     rows = []
-    for (name, method), recs in groups.items():
-        first = recs[0]
-        bpw = first["size"]["compressed_layers_bits_per_weight_no_scales"]
-        wers = [rec["eval"]["wer"] for rec in recs]
-        devs = [rec["dev"]["wer"] for rec in recs if rec["dev"]]
-        wer = statistics.fmean(wers)
+    for (name, method), runs in groups.items():
+        failed = [run for run in runs if run in failures]
         row = {
             "name": name,
             "method": method,
             **setting_fields(name),
-            "bits_per_weight": 32.0 if bpw is None else bpw,
-            "size_bytes": first["size"]["model_bytes"],
-            "size_ratio": first["size"]["size_ratio"],
-            "wer": wer,
-            "rel_wer_regression": rel_regression(wer, float_wer),
-            "dev_wer": statistics.fmean(devs) if devs else None,
-            "wer_seeds": wers,
-            "dev_wer_seeds": devs,
+            **_measured([records[run] for run in runs if run in records], float_wer),
+            "status": "failed" if failed else "done",
+            "error": "; ".join(
+                failures[run]["error"] if len(runs) == 1 else f"{run.tag}: {failures[run]['error']}" for run in failed
+            ) or None,
         }
         rows.append({k: row[k] for k in ROW_KEYS})
     return rows
+
+
+def _measured(recs: Sequence[dict], float_wer: float | None) -> dict:
+    """A row's sizes and WERs from its finished runs' records (`result_rows`); every
+    value None when there are none."""
+    if not recs:
+        keys = ("bits_per_weight", "size_bytes", "size_ratio", "wer", "rel_wer_regression", "dev_wer")
+        return {**dict.fromkeys(keys), "wer_seeds": [], "dev_wer_seeds": []}
+    first = recs[0]
+    bpw = first["size"]["compressed_layers_bits_per_weight_no_scales"]
+    wers = [rec["eval"]["wer"] for rec in recs]
+    devs = [rec["dev"]["wer"] for rec in recs if rec["dev"]]
+    wer = statistics.fmean(wers)
+    return {
+        "bits_per_weight": 32.0 if bpw is None else bpw,
+        "size_bytes": first["size"]["model_bytes"],
+        "size_ratio": first["size"]["size_ratio"],
+        "wer": wer,
+        "rel_wer_regression": None if float_wer is None else rel_regression(wer, float_wer),
+        "dev_wer": statistics.fmean(devs) if devs else None,
+        "wer_seeds": wers,
+        "dev_wer_seeds": devs,
+    }
 
 
 def dev_rows(rows: Sequence[dict]) -> list[dict]:
@@ -153,21 +176,30 @@ def _pct(x: float | None, digits: int = 1, sign: bool = False) -> str:
     return f"{100 * x:+.{digits}f}" if sign else f"{100 * x:.{digits}f}"
 
 
+def short_error(error: str, limit: int = 60) -> str:
+    """`error` on one line of at most `limit` characters, safe in a Markdown table cell."""
+    text = " ".join(error.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _wer_cell(row: dict | None) -> str:
-    """A row's WER %; "mean ± sd" over its seeds when it has several."""
-    if row is None:
+    """A row's WER %; "mean ± sd" over its seeds when it has several; FAILED and a short
+    error when none of its runs finished (marked when some of its seeds failed)."""
+    if row is None or (row["wer"] is None and row["status"] == "done"):
         return "—"
+    if row["wer"] is None:
+        return f"FAILED: {short_error(row['error'])}"
     seeds = row["wer_seeds"]
-    if len(seeds) > 1:
-        return f"{100 * row['wer']:.2f} ± {100 * statistics.stdev(seeds):.2f}"
-    return _pct(row["wer"], 2)
+    cell = f"{100 * row['wer']:.2f} ± {100 * statistics.stdev(seeds):.2f}" if len(seeds) > 1 else _pct(row["wer"], 2)
+    return cell + (" (a seed FAILED)" if row["status"] == "failed" else "")
 
 
 def format_table(rows: Sequence[dict]) -> str:
     """Markdown table, one line per setting: bits/weight, size, float/PTQ/QAT WER and the
     relative regressions (QAT of 'float' is the fine-tuned control; with several
-    fine-tuning seeds, QAT WER is their mean ± sample sd). Size and bits/weight are the
-    QAT run's, the PTQ run's while the QAT run has not finished."""
+    fine-tuning seeds, QAT WER is their mean ± sample sd; a failed run's cell says
+    FAILED). Size and bits/weight are the QAT run's, the PTQ run's while the QAT run
+    has not finished (or failed)."""
     by = {(r["name"], r["method"]): r for r in rows}
     base = by[("float", "float")]
     names = [n for n in NAMED_POLICIES if any(r["name"] == n for r in rows)]
@@ -178,9 +210,10 @@ def format_table(rows: Sequence[dict]) -> str:
     lines = [head, "|" + "---|" * 8]
     for n in names:
         ptq, qat = by.get((n, "ptq")), by.get((n, "qat"))
-        ref = base if n == "float" else qat or ptq
+        ref = base if n == "float" else next((r for r in (qat, ptq) if r and r["size_ratio"] is not None), None)
+        bits = "—" if ref is None or ref["bits_per_weight"] is None else f"{ref['bits_per_weight']:.3g}"
         lines.append(
-            f"| {n} | {ref['bits_per_weight']:.3g} | {_pct(ref['size_ratio'], 2)} "
+            f"| {n} | {bits} | {_pct(ref and ref['size_ratio'], 2)} "
             f"| {_pct(base['wer'], 2)} | {_wer_cell(ptq)} | {_wer_cell(qat)} "
             f"| {_pct(ptq and ptq['rel_wer_regression'], 1, True)} "
             f"| {_pct(qat and qat['rel_wer_regression'], 1, True)} |"
@@ -220,11 +253,18 @@ def _export_check(records: Mapping[Run, dict]) -> str:
     return f"; decoded from their packed exports, the runs checked ({n} of {m}) give the same WER"
 
 
-def _header(rows: Sequence[dict], records: Mapping[Run, dict], config, plan_: Sequence[Run]) -> str:
+def _status(records: Mapping[Run, dict], failures: Mapping[Run, dict], plan_: Sequence[Run]) -> str:
+    """"complete", or "partial: D/N runs finished" (", F failed" when some failed)."""
+    done = sum(1 for r in plan_ if r in records)
+    if done == len(plan_):
+        return "complete"
+    failed = sum(1 for r in plan_ if r in failures)
+    return f"partial: {done}/{len(plan_)} runs finished" + (f", {failed} failed" if failed else "")
+
+
+def _header(records: Mapping[Run, dict], config, status: str) -> str:
     """report.md's first paragraph: status, model, what each method ran, how WER was measured."""
     s = config.study
-    done = sum(1 for r in plan_ if r in records)
-    status = "complete" if done == len(plan_) else f"partial: {done}/{len(plan_)} runs finished"
     base = _baseline(records)
     # The study.finetune keys that are set: what the QAT runs change in config.train.
     recipe = [f"train.{k}={v}" for k, v in s.finetune.items() if v is not None]
@@ -260,7 +300,9 @@ def _reading_notes(rows: Sequence[dict], records: Mapping[Run, dict]) -> str:
     ]
     qat, ptq = by.get((p["setting"], "qat")), by.get((p["setting"], "ptq"))
     if qat is not None and qat["rel_wer_regression"] is not None:
-        without = "" if ptq is None else f" ({_pct(ptq['rel_wer_regression'], 1, True)} % without fine-tuning)"
+        without = ""
+        if ptq is not None and ptq["rel_wer_regression"] is not None:
+            without = f" ({_pct(ptq['rel_wer_regression'], 1, True)} % without fine-tuning)"
         text.append(
             f"Here, {p['setting']} after fine-tuning is {_pct(qat['size_ratio'], 1)} % of fp32 at "
             f"{_pct(qat['rel_wer_regression'], 1, True)} % relative regression{without}."
@@ -302,7 +344,25 @@ def _dev_section(rows: Sequence[dict]) -> list[str]:
     ]
 
 
-def _cost_table(records: Mapping[Run, dict], plan_: Sequence[Run]) -> str:
+def _failures_section(failures: Mapping[Run, dict], plan_: Sequence[Run]) -> list[str]:
+    """The failed runs of `plan_` and what each failed with ([] when none failed)."""
+    failed = [run for run in plan_ if run in failures]
+    if not failed:
+        return []
+    return [
+        "## Failed runs",
+        "",
+        "Each run's failed.json, in its run folder, holds the whole error and the end of its "
+        "traceback. Rerunning the study retries these runs and keeps the finished ones.",
+        "",
+        "| run | error |",
+        "|---|---|",
+        *(f"| {run.tag} | {short_error(failures[run]['error'], 300)} |" for run in failed),
+        "",
+    ]
+
+
+def _cost_table(records: Mapping[Run, dict], failures: Mapping[Run, dict], plan_: Sequence[Run]) -> str:
     lines = [
         "| run | steps | train+eval s | export s | compile s (all) | train_step compile s | cache hits/misses |",
         "|" + "---|" * 7,
@@ -310,7 +370,7 @@ def _cost_table(records: Mapping[Run, dict], plan_: Sequence[Run]) -> str:
     for run in plan_:
         rec = records.get(run)
         if rec is None:
-            lines.append(f"| {run.tag} | pending | | | | | |")
+            lines.append(f"| {run.tag} | {'FAILED' if run in failures else 'pending'} | | | | | |")
             continue
         t = rec["timing"]
         c = t["compile"]
@@ -323,14 +383,40 @@ def _cost_table(records: Mapping[Run, dict], plan_: Sequence[Run]) -> str:
 
 
 def write_report(
-    path, rows: Sequence[dict], records: Mapping[Run, dict], config, plan_: Sequence[Run]
+    path, rows: Sequence[dict], records: Mapping[Run, dict], config, plan_: Sequence[Run],
+    failures: Mapping[Run, dict] | None = None,
 ) -> None:
     """report.md: the table, how to read it against the paper, the dev split's table
-    (when the runs decoded one), what each run of `plan_` cost (or that it is pending)."""
+    (when the runs decoded one), the failed runs and their errors, what each run of
+    `plan_` cost (or that it failed or is pending). Without the baseline's record, the
+    status, the failures and the costs only."""
+    failures = failures or {}
+    status = _status(records, failures, plan_)
+    if _baseline(records) is None:
+        body = [f"Status: {status}. No table: the float baseline, which every other run starts from, failed.", ""]
+    else:
+        body = _results(rows, records, config, status)
     md = [
         "# Compression study",
         "",
-        _header(rows, records, config, plan_),
+        *body,
+        *_failures_section(failures, plan_),
+        "## Run costs",
+        "",
+        "Compile seconds: JAX tracing + lowering + XLA compilation (or loading from the "
+        "persistent compilation cache) while the run trained, evaluated and exported; "
+        "for a resumed run, in the session that finished it.",
+        "",
+        _cost_table(records, failures, plan_),
+        "",
+    ]
+    storage.write_text_atomic(path, "\n".join(md), "the study report")
+
+
+def _results(rows: Sequence[dict], records: Mapping[Run, dict], config, status: str) -> list[str]:
+    """report.md's results, from its header to the dev split's table."""
+    return [
+        _header(records, config, status),
         "",
         format_table(rows),
         "",
@@ -349,16 +435,7 @@ def write_report(
         _reading_notes(rows, records),
         "",
         *_dev_section(rows),
-        "## Run costs",
-        "",
-        "Compile seconds: JAX tracing + lowering + XLA compilation (or loading from the "
-        "persistent compilation cache) while the run trained, evaluated and exported; "
-        "for a resumed run, in the session that finished it.",
-        "",
-        _cost_table(records, plan_),
-        "",
     ]
-    _atomic_write(pathlib.Path(path), "\n".join(md))
 
 
 # ------------------------------------------------------------------------------ plot
@@ -367,7 +444,8 @@ def write_report(
 def plot_pareto(path, rows: Sequence[dict]) -> None:
     """pareto.png: x = size % of fp32 (log), y = relative WER regression % (symlog when
     a point is beyond ±100 %), the float baseline, PTQ and QAT series with a label per
-    point (QAT error bars: ± sd over fine-tuning seeds), the paper's point marked."""
+    point (QAT error bars: ± sd over fine-tuning seeds), the paper's point marked. Rows
+    without a finished run (failed) have no point."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -376,6 +454,7 @@ def plot_pareto(path, rows: Sequence[dict]) -> None:
     ax = fig.add_subplot()
     p = PAPER_POINT
     ys_all = [p["rel_wer_regression_percent"], 0.0]
+    rows = [r for r in rows if r["wer"] is not None]
     base = [r for r in rows if r["method"] == "float"]
     if base:
         ax.scatter([100 * base[0]["size_ratio"]], [0.0], marker="D", color="black",
@@ -404,9 +483,9 @@ def plot_pareto(path, rows: Sequence[dict]) -> None:
     )
     _pareto_axes(ax, [100 * r["size_ratio"] for r in rows] + [p["size_percent"]], ys_all)
     fig.tight_layout()
-    tmp = pathlib.Path(path).with_name(f".{pathlib.Path(path).name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    storage.write_bytes_atomic(path, png.getvalue(), "the pareto plot")
 
 
 def _pareto_axes(ax, xs: Sequence[float], ys: Sequence[float]) -> None:
@@ -434,19 +513,16 @@ def _pareto_axes(ax, xs: Sequence[float], ys: Sequence[float]) -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_outputs(workdir, records: Mapping[Run, dict], config, plan_: Sequence[Run]) -> list[dict]:
-    """results.json, report.md and pareto.png in `workdir` from the finished runs'
-    records (`plan_`: every run of the study, finished or not); returns the rows."""
+def write_outputs(
+    workdir, records: Mapping[Run, dict], config, plan_: Sequence[Run], failures: Mapping[Run, dict] | None = None
+) -> list[dict]:
+    """results.json, report.md and pareto.png in `workdir` from the finished and the
+    failed runs' records (`plan_`: every run of the study, finished or not), each
+    replaced atomically (a full disk: `storage.WriteError` naming the file); returns the rows."""
     workdir = pathlib.Path(workdir)
-    rows = result_rows(records)
-    _atomic_write(workdir / RESULTS_FILE, json.dumps(rows, indent=2) + "\n")
-    write_report(workdir / REPORT_FILE, rows, records, config, plan_)
+    rows = result_rows(records, failures)
+    storage.write_text_atomic(workdir / RESULTS_FILE, json.dumps(rows, indent=2) + "\n", "the study results")
+    write_report(workdir / REPORT_FILE, rows, records, config, plan_, failures)
     plot_pareto(workdir / PARETO_FILE, rows)
     return rows
 
@@ -456,7 +532,8 @@ def update_readme(readme, workdir) -> pathlib.Path:
 
     The plot is copied to ``docs/<workdir name>_pareto.png`` next to `readme`; the table
     and the reading notes are report.md's. Raises ValueError if the study is partial or
-    the README has no markers (nothing is written then).
+    the README has no markers (nothing is written then); each file is replaced atomically
+    (a full disk: `storage.WriteError` naming the file).
     """
     readme, workdir = pathlib.Path(readme), pathlib.Path(workdir)
     report = (workdir / REPORT_FILE).read_text()
@@ -466,12 +543,13 @@ def update_readme(readme, workdir) -> pathlib.Path:
     if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
         raise ValueError(f"{readme}: needs exactly one {README_BEGIN!r} ... {README_END!r} block")
     image = readme.parent / "docs" / f"{workdir.name}_pareto.png"
-    image.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(workdir / PARETO_FILE, image)
+    with storage.writing(image.parent, "the README's images"):
+        image.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes_atomic(image, (workdir / PARETO_FILE).read_bytes(), "the README's plot")
     body = report.split("\n", 1)[1].strip()  # without the "# Compression study" title
     body = body.replace("![pareto](pareto.png)", f"![pareto]({image.relative_to(readme.parent)})")
     body = body.replace("\n## ", "\n#### ")  # report sections, below the README's own
     head, rest = text.split(README_BEGIN)
     _, tail = rest.split(README_END)
-    _atomic_write(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
+    storage.write_text_atomic(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}", "the README")
     return image

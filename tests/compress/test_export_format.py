@@ -1,20 +1,26 @@
 """The export on disk: bitwise round trips through Orbax, the recorded layout, integrity
-checks that name the culprit, atomic replacement, and honest byte accounting."""
+checks that name the culprit, atomic replacement (also when the disk is full), and honest
+byte accounting."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pathlib
+import re
 import shutil
 import subprocess
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from conftest import EXPORT_VOCAB, ROOT, assert_bitwise, fake_quant_kernels, mixed_model
+from conftest import EXPORT_VOCAB, ROOT, assert_bitwise, fake_quant_kernels, listing, mixed_model, small_tmpfs
 from usmqs import config as config_lib
+from usmqs import storage
 from usmqs.compress import codec, export_format, masks
 from usmqs.compress.codec import PackedKernel
 from usmqs.compress.export_format import ExportError
@@ -158,6 +164,77 @@ def test_failed_export_leaves_the_previous_one_intact(mixed_export, tmp_path):
         _write(unpruned, tmp_path / "export", cfg, policy)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "tokenizer.model"]  # no temporary left
     export_format.read_export(tmp_path / "export")
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _arrays_then_tensorstore_full(save=ocp.Checkpointer.save):
+    def fake(self, *args, **kwargs):  # the arrays written, then tensorstore's full-disk error
+        save(self, *args, **kwargs)
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "d/1": [OS error 28: No space left on device]')
+
+    return fake
+
+
+def _rename_into_place_fails(rename=os.rename):
+    def fake(src, dst):
+        if ".tmp-" in os.fspath(src):  # the new export into place, after the old moved aside
+            _no_space()
+        rename(src, dst)
+
+    return fake
+
+
+@pytest.mark.parametrize("where", ["arrays", "tokenizer", "rename"])
+def test_an_export_on_a_full_disk_keeps_the_previous_one(mixed_export, tmp_path, monkeypatch, where):
+    out = tmp_path / "export"
+    shutil.copytree(mixed_export["dir"], out)
+    before = {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    if where == "arrays":
+        monkeypatch.setattr(ocp.Checkpointer, "save", _arrays_then_tensorstore_full())
+    elif where == "tokenizer":
+        monkeypatch.setattr(export_format.shutil, "copyfile", _no_space)
+    else:
+        monkeypatch.setattr(export_format.os, "rename", _rename_into_place_fails())
+    with pytest.raises(storage.WriteError, match=f"cannot write the packed export to {re.escape(str(out))}: "
+                       r"no space left on device \(.* MiB free of .* MiB on that filesystem\)") as e:
+        _write(mixed_export["model"], out, mixed_export["cfg"], mixed_export["policy"])
+    assert e.value.path == out and e.value.free_bytes > 0
+    assert listing(tmp_path) == ["export", "tokenizer.model"]  # no temporary left
+    assert {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    with small_tmpfs(tmp_path / "small", "1m") as folder:
+        yield folder
+
+
+# Orbax's writer threads, left behind by the save that failed, report their own writes'
+# errors into a closed event loop.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_export_to_a_full_filesystem(mixed_export, small_filesystem):
+    """On a real filesystem filled up to 8 KiB: tensorstore's own error becomes a
+    WriteError naming the export and the free space; the earlier export stays readable,
+    nothing temporary is left, and once space is freed the same write succeeds."""
+    out = small_filesystem / "export"
+    write = lambda: _write(mixed_export["model"], out, mixed_export["cfg"], mixed_export["policy"])
+    write()
+    before = json.loads((out / "metadata.json").read_text())
+    filler = small_filesystem / "filler"
+    filler.write_bytes(bytes(shutil.disk_usage(small_filesystem).free - 8192))
+    with pytest.raises(storage.WriteError, match=f"cannot write the packed export to {re.escape(str(out))}: "
+                       r"no space left on device \(0.0 MiB free of 1.0 MiB on that filesystem\)") as e:
+        write()
+    assert e.value.free_bytes <= 8192
+    assert listing(small_filesystem) == ["export", "filler", "tokenizer.model"]
+    assert export_format.read_export(out)[0] == before  # checksums verified
+    filler.unlink()
+    write()
+    assert listing(small_filesystem) == ["export", "tokenizer.model"]
+    export_format.read_export(out)
 
 
 # ------------------------------------------------------------------------ accounting

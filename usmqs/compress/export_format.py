@@ -26,7 +26,8 @@ layer's policy path (``layer``), ``contract_axes``, the spec's quantization fiel
 sha256 (and ``bits`` for packed streams).
 
 The export is written to a temporary sibling folder and renamed into place, so a reader
-never sees a half-written one.
+never sees a half-written one; a write that fails (a full disk: `storage.WriteError`, naming
+the export folder and the free space) removes that folder and keeps the previous export.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import math
 import os
 import pathlib
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -49,6 +51,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from usmqs import storage
 from usmqs.compress import codec
 from usmqs.compress.codec import Kind, Layout, PackedKernel
 from usmqs.compress.layers import Conv, Dense
@@ -281,38 +284,71 @@ def _checkpointer() -> ocp.Checkpointer:
 
 def _save_arrays(path: pathlib.Path, tree: dict) -> None:
     ck = _checkpointer()
-    ck.save(path.absolute(), args=ocp.args.PyTreeSave(tree))
-    ck.close()
-
-
-def _write_atomically(out_dir: pathlib.Path, arrays: dict, tokenizer_file: pathlib.Path, meta: dict) -> dict:
-    """arrays/, the tokenizer, metadata.json (`meta` + the files' sizes and hashes) and
-    size.json into a temporary sibling of `out_dir`, then renamed to it; the size report."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
     try:
-        _save_arrays(tmp / ARRAYS_DIR, nest(arrays))
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        files = {
-            str(f.relative_to(tmp)): {"nbytes": f.stat().st_size, "sha256": _file_sha256(f)}
-            for f in sorted(tmp.rglob("*")) if f.is_file()
-        }
-        meta = {**meta, "tokenizer": TOKENIZER_FILE, "files": files}
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        report = size_report(tmp)
-        (tmp / SIZE_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
+        ck.save(path.absolute(), args=ocp.args.PyTreeSave(tree))
+    finally:
+        ck.close()
+
+
+def _fill(folder: pathlib.Path, arrays: dict, tokenizer_file: pathlib.Path, meta: dict) -> dict:
+    """arrays/, the tokenizer, metadata.json (`meta` + the files' sizes and hashes) and
+    size.json into `folder`; the size report."""
+    _save_arrays(folder / ARRAYS_DIR, nest(arrays))
+    shutil.copyfile(tokenizer_file, folder / TOKENIZER_FILE)
+    files = {
+        str(f.relative_to(folder)): {"nbytes": f.stat().st_size, "sha256": _file_sha256(f)}
+        for f in sorted(folder.rglob("*")) if f.is_file()
+    }
+    meta = {**meta, "tokenizer": TOKENIZER_FILE, "files": files}
+    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    report = size_report(folder)
+    (folder / SIZE_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _move_into_place(folder: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Rename `folder` to `out_dir`. An existing `out_dir` is moved aside first and
+    removed after, or moved back if the rename fails."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(out_dir, old)
+    try:
+        os.rename(folder, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            os.rename(old, out_dir)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomically(out_dir: pathlib.Path, arrays: dict, tokenizer_file: pathlib.Path, meta: dict) -> dict:
+    """`_fill` a temporary sibling of `out_dir`, then rename it to `out_dir`; the size
+    report. A failed write removes the temporary folder and leaves an existing export as
+    it was; a full disk or another OS error is a `storage.WriteError` naming `out_dir`
+    and the free space."""
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    with storage.writing(out_dir, "the packed export"):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.mkdir()
+            report = _fill(tmp, arrays, tokenizer_file, meta)
+            _move_into_place(tmp, out_dir)
+        finally:
+            _remove_tree(tmp)  # gone already after the rename
     return report
+
+
+def _remove_tree(folder: pathlib.Path, attempts: int = 20) -> None:
+    """Remove `folder`, again after a pause while it is still there: when a save fails,
+    Orbax raises the first write error while tensorstore's other writes into the folder
+    are still landing, and a file created during the removal keeps its directory."""
+    for _ in range(attempts):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            return
+        time.sleep(0.1)
 
 
 def write_export(
