@@ -565,11 +565,12 @@ def test_a_fine_tuning_key_that_is_no_train_key_is_an_error(key):
         config_lib.validate(c)
 
 
-def test_the_command_line_validates_before_any_work(tmp_path):
+def test_the_command_line_validates_before_any_work(tmp_path, capsys):
     from usmqs import cli
 
-    with pytest.raises(ValueError, match="unknown policy names"):
+    with pytest.raises(SystemExit) as e:  # a bad config: exit 2 and one line naming it
         cli.main(["study", "--config", f"{DEMO}:settings=int3", "--workdir", str(tmp_path / "cli")])
+    assert e.value.code == 2 and "unknown policy names" in capsys.readouterr().err
     assert not (tmp_path / "cli").exists()
 
 
