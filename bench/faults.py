@@ -12,7 +12,8 @@ Scenarios: SIGTERM at a random step; SIGTERM twice (the second while the first's
 checkpoint is written); kill -9 while an asynchronous checkpoint write is in flight; a
 truncated and a removed array file in the latest checkpoint; the disk full during a
 checkpoint and during an export (a 16 MiB tmpfs: needs root, else reported as skipped);
-learning rate 1e12; an unknown colon argument. Two processes with one signalled and a
+learning rate 1e12 (with train.max_consecutive_skips=20, to stop inside 40 steps);
+an unknown colon argument. Two processes with one signalled and a
 failing run inside a study are tested in tests/ (test_multiprocess.py, test_study.py).
 """
 
@@ -71,8 +72,11 @@ class Job:
 
 
 def _message(text: str) -> str:
-    lines = [l for l in text.splitlines() if l.startswith("usmqs train:") or "Error" in l]
-    return (lines[-1] if lines else text.strip().splitlines()[-1])[:300]
+    """The command's own one-line error (`usmqs CMD: ...`), else the last error line."""
+    lines = text.splitlines()
+    own = [l for l in lines if l.startswith("usmqs ")]
+    errors = [l for l in lines if "Error" in l]
+    return ((own or errors or lines or [""])[-1])[:300]
 
 
 def _finish(job: Job, before: list[int], code: int, text: str, reference: float, **extra) -> dict:
@@ -142,10 +146,19 @@ def _damage(job: Job, how: str) -> str:
     return str(biggest.relative_to(job.workdir))
 
 
+def _killed_after_checkpoint(job: Job, step: int) -> list[int]:
+    """Run the job until checkpoint `step` is complete, then kill -9 it."""
+    proc = job.start()
+    job.wait_for(proc, lambda: step in job.steps())
+    proc.kill()
+    proc.wait()
+    job.log.close()
+    return job.steps()
+
+
 def scenario_damaged(how):
     def scenario(job, reference, rng):
-        half = Job(job.workdir, job.corpus, 20)
-        half.run()
+        _killed_after_checkpoint(job, 20)
         damaged = _damage(job, how)
         return _finish(job, job.steps(), 0, f"{how}d {damaged}", reference, damaged_file=damaged)
     return scenario
@@ -164,15 +177,15 @@ def _fill(fs: pathlib.Path, leave: int) -> pathlib.Path:
 
 
 def scenario_disk_full_checkpoint(job, reference, rng):
+    """The disk fills between the step-10 and the step-20 checkpoint."""
     fs = job.workdir.parent / "fs_ckpt"
     if not _tmpfs(fs):
         return {"skipped": "cannot mount a tmpfs (needs root)"}
     try:
         cache = ["--config.data.cache_dir=" + str(job.workdir.parent / "cache")]  # features elsewhere
         moved = Job(fs / "run", job.corpus, job.total, cache)
-        Job(moved.workdir, job.corpus, 10, cache).run()
-        size = sum(p.stat().st_size for p in (moved.workdir / "checkpoints" / "10").rglob("*") if p.is_file())
-        ballast = _fill(fs, size // 3)
+        size = sum(p.stat().st_size for p in (job.workdir.parent / "reference" / "checkpoints" / "40").rglob("*") if p.is_file())
+        ballast = _fill(fs, int(1.5 * size) + 200_000)  # + config, tokenizer, metrics, TensorBoard
         code, text = moved.run()
         before = moved.steps()
         ballast.unlink()
@@ -202,7 +215,7 @@ def scenario_disk_full_export(job, reference, rng):
 
 
 def scenario_lr_1e12(job, reference, rng):
-    job.cmd.append("--config.train.learning_rate=1e12")
+    job.cmd += ["--config.train.learning_rate=1e12", "--config.train.max_consecutive_skips=20"]
     code, text = job.run()
     return {"exit_code": code, "message": _message(text), "checkpoints": job.steps(),
             "logged": [(r["step"], r["skipped"]) for r in job.logged()]}

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, overrides = config_lib.split_overrides(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # An import above may already have configured the root logger (at WARNING), which
+    # makes basicConfig a no-op: our INFO lines (skip reports, init_from, ...) still show.
+    logging.getLogger("usmqs").setLevel(logging.INFO)
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -183,8 +183,9 @@ class MetricsLog:
         self.path = workdir / "metrics.jsonl"
         if primary:
             dropped = self._drop_after(progress.start)
-            if progress.start:
-                log.info("resumed from step %d; %d metrics lines after it dropped", progress.start, dropped)
+            if dropped:
+                print(f"metrics.jsonl: dropped {dropped} lines after step {progress.start} "
+                      "(written before the interruption)", flush=True)
             with storage.writing(self.path, "training metrics"):
                 self.file = self._stack.enter_context(open(self.path, "a"))
             self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=progress.start + 1)
@@ -282,7 +283,7 @@ def initial_state(config, setup: run.Setup, ckpts: checkpoints.Checkpoints, it) 
     if found is not None:
         step, (state, data_state) = found
         it.set_state(data_state)
-        log.info("resumed from step %d", step)
+        print(f"resumed from step {step} ({ckpts.directory})", flush=True)
         return state
     state = setup.init_fn(jax.random.PRNGKey(config.seed))
     if config.init_from:
