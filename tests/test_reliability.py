@@ -6,6 +6,7 @@ the runs it interrupts: tests/test_train.py and tests/test_multiprocess.py.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -78,9 +79,11 @@ def small_filesystem(tmp_path):
 def test_a_full_disk_during_a_checkpoint_names_the_path_and_keeps_the_last_one(small_corpus, small_filesystem):
     cfg = tiny_config(small_corpus, steps=2)  # checkpoints at 1 and 2
     cfg.eval.at_end = False
+    cfg.train.keep_checkpoints = 1  # a failed write must not cost the one kept
     cfg.data.cache_dir = str(small_filesystem.parent / "cache")  # the features live elsewhere
     workdir = small_filesystem / "run"
     train.train_and_evaluate(cfg, workdir)
+    assert _steps(workdir) == [2]
     ckpt_bytes = sum(p.stat().st_size for p in (workdir / "checkpoints" / "2").rglob("*") if p.is_file())
     # Leave less room than one more checkpoint needs.
     free = os.statvfs(small_filesystem).f_bavail * os.statvfs(small_filesystem).f_frsize
@@ -89,8 +92,19 @@ def test_a_full_disk_during_a_checkpoint_names_the_path_and_keeps_the_last_one(s
     cfg.train.num_steps = 4
     with pytest.raises(storage.WriteError, match=r"cannot write checkpoint step 3 to .*checkpoints/3: no space left on device \(.* MiB free of 16.0 MiB"):
         train.train_and_evaluate(cfg, workdir)
-    assert _steps(workdir) == [1, 2]
+    assert _steps(workdir) == [2]
     # Space freed, the same command resumes from step 2 and finishes.
     ballast.unlink()
     train.train_and_evaluate(cfg, workdir)
-    assert _steps(workdir) == [3, 4] and [r["step"] for r in _metrics(workdir)] == [2, 4]
+    assert _steps(workdir) == [4] and [r["step"] for r in _metrics(workdir)] == [2, 4]
+
+
+def test_a_full_disk_while_logging_metrics_names_the_file(tmp_path):
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with train.MetricsLog(tmp_path, train.Progress(10, 0), primary=True) as mlog:
+        mlog.file = Full()
+        with pytest.raises(storage.WriteError, match=r"cannot write training metrics to .*metrics.jsonl: no space left on device \("):
+            mlog.write(2, {"loss": 1.0}, lr=0.1, skipped=0)
