@@ -3,7 +3,6 @@ the Colab notebook's cells run top to bottom on CPU with a tiny config."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -78,13 +77,10 @@ def test_colab_notebook_runs_on_cpu(small_corpus, tmp_path):
     """Every code cell, in order, in one fresh Python process (as a kernel would run them),
     with the USMQS_DEMO_* variables pointing the run at a tiny model and a few steps."""
     data = [f"data.train_manifest={small_corpus['train']}",
-            f"data.eval_manifest={small_corpus['test']}", "train.num_steps=3"]
-    if importlib.util.find_spec("usmqs.study") is not None:
-        command, config = "study", f"{ROOT / 'configs/study_demo.py'}:settings=int4+2:4"
-        data += ["study.finetune_steps=2", "study.finetune.warmup_steps=1",
-                 "study.float_control=False", f"study.compile_cache_dir={tmp_path / 'jax_cache'}"]
-    else:  # the study is not there yet: one training run instead
-        command, config = "train", str(ROOT / "configs/tiny.py")
+            f"data.eval_manifest={small_corpus['test']}", "train.num_steps=3",
+            "study.finetune_steps=2", "study.finetune.warmup_steps=1",
+            "study.float_control=False", f"study.compile_cache_dir={tmp_path / 'jax_cache'}"]
+    command, config = "study", f"{ROOT / 'configs/study_demo.py'}:settings=int4+2:4"
     workdir = tmp_path / "demo"
     env = dict(os.environ, USMQS_DEMO_COMMAND=command, USMQS_DEMO_CONFIG=config,
                USMQS_DEMO_WORKDIR=str(workdir),
@@ -93,9 +89,6 @@ def test_colab_notebook_runs_on_cpu(small_corpus, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    if command == "study":
-        rows = json.loads((workdir / "results.json").read_text())
-        assert {(r["name"], r["method"]) for r in rows} >= {("int4+2:4", "ptq"), ("int4+2:4", "qat")}
-        assert "int4+2:4   qat" in proc.stdout  # the results table of cell 4
-    else:
-        assert "WER" in proc.stdout and (workdir / "eval.json").exists()
+    rows = json.loads((workdir / "results.json").read_text())
+    assert {(r["name"], r["method"]) for r in rows} >= {("int4+2:4", "ptq"), ("int4+2:4", "qat")}
+    assert "int4+2:4   qat" in proc.stdout  # the results table of cell 4
