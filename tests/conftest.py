@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_CACHE_ENV = "USMQS_TEST_JAX_CACHE"
+SUITE_JAX_CACHE = "USMQS_TEST_JAX_CACHE"  # names the test run's compilation cache
 
 
 def pytest_configure(config):
@@ -19,12 +19,12 @@ def pytest_configure(config):
     import os
     import tempfile
 
-    if _CACHE_ENV in os.environ:  # an xdist worker: the controller made it
+    if SUITE_JAX_CACHE in os.environ:  # an xdist worker: the controller made it
         return
     cache = tempfile.mkdtemp(prefix="usmqs-test-jax-cache-")
     config._usmqs_jax_cache = cache
     os.environ.update({
-        _CACHE_ENV: cache,
+        SUITE_JAX_CACHE: cache,
         "JAX_COMPILATION_CACHE_DIR": cache,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
@@ -38,7 +38,7 @@ def pytest_unconfigure(config):
     cache = getattr(config, "_usmqs_jax_cache", None)
     if cache:
         shutil.rmtree(cache, ignore_errors=True)
-        for key in (_CACHE_ENV, "JAX_COMPILATION_CACHE_DIR"):
+        for key in (SUITE_JAX_CACHE, "JAX_COMPILATION_CACHE_DIR"):
             os.environ.pop(key, None)
 
 

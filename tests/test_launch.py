@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, micro_overrides
+from conftest import ROOT, SUITE_JAX_CACHE, micro_overrides
 
 LAUNCH = ROOT / "launch"
 NOTEBOOK = LAUNCH / "colab_demo.ipynb"
@@ -79,7 +79,8 @@ def test_colab_notebook_runs_on_cpu(small_corpus, tmp_path):
     data = [f"data.train_manifest={small_corpus['train']}",
             f"data.eval_manifest={small_corpus['test']}", "train.num_steps=3",
             "study.finetune_steps=2", "study.finetune.warmup_steps=1",
-            "study.float_control=False", f"study.compile_cache_dir={tmp_path / 'jax_cache'}"]
+            "study.float_control=False",
+            f"study.compile_cache_dir={os.environ.get(SUITE_JAX_CACHE) or tmp_path / 'jax_cache'}"]
     command, config = "study", f"{ROOT / 'configs/study_demo.py'}:settings=int4+2:4"
     workdir = tmp_path / "demo"
     env = dict(os.environ, USMQS_DEMO_COMMAND=command, USMQS_DEMO_CONFIG=config,

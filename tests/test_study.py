@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, disk_full_for, listing, micro_overrides
+from conftest import ROOT, SUITE_JAX_CACHE, disk_full_for, listing, micro_overrides
 from usmqs import config as config_lib
 from usmqs import storage, study, study_report
 from usmqs.compress.policy import PAPER_SETTINGS
@@ -43,7 +43,9 @@ R, PTQ, QAT = study.StudyRun, study.Method.PTQ, study.Method.QAT
 
 @pytest.fixture(scope="session")
 def jax_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
+    """The test run's compilation cache (conftest), so that studies reuse the programs
+    other tests compiled (and the other way round)."""
+    return os.environ.get(SUITE_JAX_CACHE) or tmp_path_factory.mktemp("jax_cache")
 
 
 def _study_config(spec: str, jax_cache, *overrides: str):
