@@ -228,11 +228,9 @@ def evaluate_workdir(
     distributed.maybe_initialize(config)  # a no-op when already joined (or one process)
     workdir = pathlib.Path(workdir)
     tokenizer = run.load_tokenizer(workdir)
-    with distributed.primary_first("prepare_eval_data"):  # the others reuse its cache
+    with distributed.primary_first("eval_manifest"):  # may synthesize the embedded corpus
         manifest, suffix = split_manifest(config, split, manifest)
-        prepared = pipeline.prepare_split(
-            manifest, tokenizer, config.data, run.cache_dir(config, workdir), train=False
-        )
+    prepared = run.prepare_split(config, workdir, manifest, tokenizer, train=False)
     if setup is None:
         setup = run.build(config, tokenizer.vocab_size)
     if state is None:

@@ -34,7 +34,6 @@ from usmqs.compress.codec import PackedKernel
 from usmqs.compress.export_format import EXPORT_DIRNAME, ExportError
 from usmqs.compress.layers import Conv
 from usmqs.compress.packing import IndexEncoding
-from usmqs.data import pipeline
 from usmqs.data.tokenizer import Tokenizer
 from usmqs.models.conformer import ConformerCTC
 
@@ -287,9 +286,7 @@ def evaluate_export(config, workdir, manifest: str | None = None, split: str = "
     if tokenizer.vocab_size != served.vocab_size:
         raise ExportError(f"export tokenizer has {tokenizer.vocab_size} pieces, metadata says {served.vocab_size}")
     manifest, suffix = evaluate_lib.split_manifest(config, split, manifest)
-    prepared = pipeline.prepare_split(
-        manifest, tokenizer, config.data, run.cache_dir(config, workdir), train=False
-    )
+    prepared = run.prepare_split(config, workdir, manifest, tokenizer, train=False)
     metrics, rows = evaluate_lib.run_decoding(served.log_probs, prepared, config.data, tokenizer, config.eval)
     metrics["step"] = served.metadata.get("step")
     metrics["export"] = True

@@ -33,11 +33,12 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx, struct
 
-from usmqs import checkpoints
+from usmqs import checkpoints, distributed
 from usmqs import sharding as sharding_lib
 from usmqs.compress import masks as masks_lib
 from usmqs.compress.layers import compressible_layers
 from usmqs.compress.policy import Policy, policy_from_config
+from usmqs.data import pipeline
 from usmqs.data.manifest import read_manifest
 from usmqs.data.text import normalize_text
 from usmqs.data.tokenizer import Tokenizer
@@ -109,6 +110,16 @@ def load_tokenizer(workdir: pathlib.Path) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"{workdir}: no {TOKENIZER_FILE}; is this a training workdir?")
     return Tokenizer.load(path)
+
+
+def prepare_split(config, workdir: pathlib.Path, manifest: str, tokenizer: Tokenizer, *, train: bool):
+    """`pipeline.prepare_split` by every process at once: each prepares its share of the
+    shards, then all assemble the split once everyone is done."""
+    return pipeline.prepare_split(
+        manifest, tokenizer, config.data, cache_dir(config, workdir), train=train,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        barrier=lambda: distributed.barrier(f"prepared {pathlib.Path(manifest).name}"),
+    )
 
 
 def cache_dir(config, workdir: pathlib.Path) -> pathlib.Path:

@@ -264,14 +264,13 @@ class StepMonitor:
 
 
 def prepare_train_data(config, workdir: pathlib.Path):
-    """(tokenizer, prepared train split). Process 0 prepares; the others then reuse its
-    files."""
-    with distributed.primary_first("prepare_data"):
+    """(tokenizer, prepared train split). Process 0 finds the manifests (synthesizing the
+    embedded corpus if needed) and trains the tokenizer, the others then reuse its files;
+    all prepare their shares of the split at once."""
+    with distributed.primary_first("prepare_tokenizer"):
         train_manifest = run.resolve_manifests(config)["train"]
         tokenizer = run.load_or_train_tokenizer(config, workdir, train_manifest)
-        train_split = pipeline.prepare_split(
-            train_manifest, tokenizer, config.data, run.cache_dir(config, workdir), train=True
-        )
+    train_split = run.prepare_split(config, workdir, train_manifest, tokenizer, train=True)
     log.info("train data: %s", pipeline.skip_report(train_split))
     return tokenizer, train_split
 

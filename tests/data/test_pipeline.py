@@ -140,7 +140,7 @@ def test_records_hold_features_and_labels(corpus):
     split, tok = corpus["split"], corpus["tok"]
     import grain
 
-    source = grain.sources.ArrayRecordDataSource([split.path])
+    source = grain.sources.ArrayRecordDataSource(list(split.paths))
     assert len(source) == split.num_examples
     for i in (0, STEREO_8K):
         ex = pipeline.decode_example(source[i])
@@ -183,16 +183,16 @@ def test_error_mode_malformed_line(tmp_path):
 
 def test_second_prepare_is_a_cache_hit(corpus, monkeypatch):
     split = corpus["split"]
-    mtimes = (os.stat(split.path).st_mtime_ns, os.stat(split.metadata_path).st_mtime_ns)
+    mtimes = [os.stat(p).st_mtime_ns for p in (*split.paths, split.metadata_path)]
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("audio decoded on a cache hit")
 
     monkeypatch.setattr(pipeline, "load_audio", no_decoding)
     again = pipeline.prepare_split(corpus["manifest"], corpus["tok"], _cfg(), corpus["root"] / "cache", train=True)
-    assert again.from_cache and again.path == split.path and again.key == split.key
+    assert again.from_cache and again.paths == split.paths and again.key == split.key
     assert again.metadata == split.metadata and again.skipped == split.skipped
-    assert (os.stat(split.path).st_mtime_ns, os.stat(split.metadata_path).st_mtime_ns) == mtimes
+    assert [os.stat(p).st_mtime_ns for p in (*split.paths, split.metadata_path)] == mtimes
 
 
 def test_cache_key_follows_features_tokenizer_and_audio(corpus, tmp_path):
@@ -219,8 +219,48 @@ def test_parallel_preparation_matches_inline(corpus, tmp_path):
     assert par.key == seq.key and par.metadata == seq.metadata and par.skipped == seq.skipped
     import grain
 
-    a, b = grain.sources.ArrayRecordDataSource([par.path]), grain.sources.ArrayRecordDataSource([seq.path])
+    a, b = grain.sources.ArrayRecordDataSource(list(par.paths)), grain.sources.ArrayRecordDataSource(list(seq.paths))
     assert all(a[i] == b[i] for i in range(len(a)))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_shards_of_two_processes_make_the_same_split_and_an_interrupted_one_resumes(corpus, tmp_path, monkeypatch):
+    """Process 1 of 2 prepares its shards and dies before the others finish; a rerun
+    (one process) prepares only the shards that are missing. The split equals the one
+    prepared in one go: metadata, skip report, records, and the training batches."""
+    cfg, cache = _cfg(prepare_shard_lines=3), tmp_path / "sharded"
+    lines = []
+    process = pipeline._process
+    monkeypatch.setattr(pipeline, "_process", lambda utt, *a: lines.append(utt.line) or process(utt, *a))
+
+    def killed():
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        pipeline.prepare_split(corpus["manifest"], corpus["tok"], cfg, cache, train=True,
+                               process_index=1, process_count=2, barrier=killed)
+    first, lines[:] = list(lines), []
+    split = pipeline.prepare_split(corpus["manifest"], corpus["tok"], cfg, cache, train=True)
+    shard_of = lambda line: (line - 1) // 3  # noqa: E731 (lines count from 1, no blank lines)
+    assert first and {shard_of(l) % 2 for l in first} == {1}  # process 1's shards only
+    assert lines and {shard_of(l) % 2 for l in lines} == {0}  # the rerun: the rest only
+    seq = corpus["split"]
+    assert len(split.paths) > 2 and len(seq.paths) == 1
+    assert split.metadata == seq.metadata and split.skipped == seq.skipped
+    assert [e["line"] for e in split.skip_log] == [e["line"] for e in seq.skip_log]
+    import grain
+
+    a, b = (grain.sources.ArrayRecordDataSource(list(x.paths)) for x in (split, seq))
+    assert len(a) == len(b) and all(pipeline.decode_example(a[i])["features"].tobytes()
+                                     == pipeline.decode_example(b[i])["features"].tobytes() for i in range(len(a)))
+    it_a, it_b = (pipeline.make_train_iterator(x, cfg, seed=3) for x in (split, seq))
+    for _ in range(3):
+        ba, bb = next(it_a), next(it_b)
+        for k in bb:
+            np.testing.assert_array_equal(ba[k], bb[k], err_msg=k)
 
 
 def test_eval_split_keeps_scorable_utterances(corpus):
@@ -265,7 +305,7 @@ def test_eval_batches_are_the_stored_features(corpus):
     batch = next(iter(pipeline.eval_batches(split, _cfg())))
     import grain
 
-    source = grain.sources.ArrayRecordDataSource([split.path])
+    source = grain.sources.ArrayRecordDataSource(list(split.paths))
     for row, idx in enumerate(batch["example_index"]):
         ex = pipeline.decode_example(source[int(idx)])
         t, n = ex["features"].shape[0], ex["labels"].size

@@ -61,7 +61,7 @@ import logging
 import multiprocessing
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grain
@@ -144,6 +144,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             ),
             shuffle_seed=0,  # used when make_train_iterator gets no explicit seed
             num_workers=0,  # processes for feature extraction and batch assembly; 0 = inline
+            # Manifest lines per prepared shard: with P processes, process p prepares
+            # shards p, p+P, ...; an interrupted preparation redoes unfinished shards only.
+            prepare_shard_lines=2000,
             subsampling_factor=4,  # the encoder's time reduction, 2**k (k stride-2 convs)
             feature_norm="utterance",  # 'utterance': per-utterance, per-bin mean/variance; 'none'
             # The embedded corpus (`usmqs.data.synth`), used when no manifest is set:
@@ -180,6 +183,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.subsampling_factor must be a power of 2, got {factor}")
     if cfg.batch_size < 1:
         raise ValueError(f"data.batch_size must be positive, got {cfg.batch_size}")
+    if cfg.prepare_shard_lines < 1:
+        raise ValueError(f"data.prepare_shard_lines must be positive, got {cfg.prepare_shard_lines}")
     if subsampled_length(bounds[0], factor) < 1:
         raise ValueError(f"bucket boundary {bounds[0]} leaves no frames after {factor}x subsampling")
 
@@ -272,8 +277,9 @@ class PreparedSplit:
     """A manifest turned into cached examples.
 
     Attributes:
-      path: the ArrayRecord file, one record per kept example, record ``i`` = example ``i``.
-      metadata_path: the JSON side file (metadata, skip counts, skip log).
+      paths: the shards' ArrayRecord files, in manifest order: one record per kept
+        example; record ``i`` of their concatenation = example ``i``.
+      metadata_path: the JSON side file (metadata, skip counts, skip log, shards).
       manifest: absolute manifest path.
       train: prepared for training (all bad inputs skipped) or evaluation.
       num_examples: kept examples.
@@ -287,7 +293,7 @@ class PreparedSplit:
       key: the cache key (sha256 hex).
     """
 
-    path: str
+    paths: tuple[str, ...]
     metadata_path: str
     manifest: str
     train: bool
@@ -399,28 +405,34 @@ def _raise_bad(manifest: str, line: int, reason: str, detail: str):
     raise ValueError(f"{manifest}:{line}: {reason}: {detail} (data.on_bad_input='error')")
 
 
-def _load_cached(meta_path: Path, record_path: Path, key: str) -> dict | None:
-    if not (meta_path.exists() and record_path.exists()):
-        return None
+def _load_json(path: Path, key: str) -> dict | None:
+    """The JSON file at `path` if it exists, parses and carries `key`; else None."""
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return meta if meta.get("key") == key else None
 
 
-def _cached_split(meta: dict, record_path: Path, meta_path: Path, *, strict: bool) -> PreparedSplit:
+def _load_cached(meta_path: Path, key: str) -> dict | None:
+    meta = _load_json(meta_path, key)
+    if meta is None or not all((meta_path.parent / r).exists() for r in meta["records"]):
+        return None
+    return meta
+
+
+def _cached_split(meta: dict, meta_path: Path, *, strict: bool) -> PreparedSplit:
     """A split from its cache; `strict` (on_bad_input='error') raises on its first bad line."""
     bad = [e for e in meta["skip_log"] if not e["kept"]]
     if strict and bad:
         first = min(bad, key=lambda e: e["line"])
         _raise_bad(meta["manifest"], first["line"], first["reason"], first["detail"])
-    return _split_from_meta(meta, record_path, meta_path, from_cache=True)
+    return _split_from_meta(meta, meta_path, from_cache=True)
 
 
-def _split_from_meta(meta: dict, record_path: Path, meta_path: Path, from_cache: bool) -> PreparedSplit:
+def _split_from_meta(meta: dict, meta_path: Path, from_cache: bool) -> PreparedSplit:
     return PreparedSplit(
-        path=str(record_path),
+        paths=tuple(str(meta_path.parent / r) for r in meta["records"]),
         metadata_path=str(meta_path),
         manifest=meta["manifest"],
         train=meta["train"],
@@ -512,6 +524,83 @@ def _write_examples(writer, items, results, report: _SkipLog, *, strict: bool) -
     return examples
 
 
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What every shard of one preparation shares."""
+
+    manifest: str
+    key: str
+    cache: Path
+    base: str
+    tokenizer: Tokenizer
+    fcfg: features_lib.FeatureConfig
+    limits: _Limits
+    cfg: ml_collections.ConfigDict
+    strict: bool
+
+
+def _shard_names(job: _Job, shard: int, count: int) -> tuple[str, str]:
+    stem = f"{job.base}.{shard:05d}-of-{count:05d}"
+    return f"{stem}.array_record", f"{stem}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prepare_shard(job: _Job, items: list, shard: int, count: int) -> dict:
+    """Shard `shard` of `count` (`items`: its manifest lines) as its ArrayRecord file and
+    JSON side file (written last: its presence marks the shard done); reused when done."""
+    record_name, meta_name = _shard_names(job, shard, count)
+    meta = _load_json(job.cache / meta_name, job.key)
+    if meta is not None and (job.cache / record_name).exists():
+        log.info("%s: shard %d/%d prepared earlier", job.manifest, shard + 1, count)
+        return meta
+    report = _SkipLog(job.manifest)
+    tmp_record = job.cache / f"{record_name}.tmp{os.getpid()}"
+    writer = ArrayRecordWriter(str(tmp_record), "group_size:1")
+    utts = [x for x in items if isinstance(x, Utterance)]
+    try:
+        with _processed(utts, job.tokenizer, job.fcfg, job.limits, job.cfg) as results:
+            examples = _write_examples(writer, items, results, report, strict=job.strict)
+    except BaseException:
+        writer.close()
+        tmp_record.unlink(missing_ok=True)
+        raise
+    writer.close()
+    os.replace(tmp_record, job.cache / record_name)
+    meta = {
+        "key": job.key, "shard": shard, "count": count, "record": record_name,
+        "skipped": report.skipped, "warnings": report.warnings,
+        "skip_log": report.entries, "examples": examples,
+    }
+    _write_atomic(job.cache / meta_name, json.dumps(meta))
+    return meta
+
+
+def _merged(job: _Job, shards: list[dict], num_lines: int, train: bool) -> dict:
+    """The split's metadata from its shards' (in order): examples and skip logs
+    concatenated, counts summed."""
+    counts = {"skipped": {}, "warnings": {}}
+    for sh in shards:
+        for kind, total in counts.items():
+            for reason, n in sh[kind].items():
+                total[reason] = total.get(reason, 0) + n
+    return {
+        "key": job.key,
+        "manifest": job.manifest,
+        "train": bool(train),
+        "feature_config": job.fcfg.to_dict(),
+        "num_lines": num_lines,
+        **counts,
+        "skip_log": [e for sh in shards for e in sh["skip_log"]],
+        "examples": [e for sh in shards for e in sh["examples"]],
+        "records": [sh["record"] for sh in shards],
+    }
+
+
 def prepare_split(
     manifest_path: str | os.PathLike,
     tokenizer: Tokenizer,
@@ -519,24 +608,36 @@ def prepare_split(
     cache_dir: str | os.PathLike,
     *,
     train: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+    barrier: Callable[[], None] | None = None,
 ) -> PreparedSplit:
-    """Reads, validates, featurizes and tokenizes a manifest into a cached ArrayRecord.
+    """Reads, validates, featurizes and tokenizes a manifest into cached ArrayRecord shards.
 
-    Writes ``{cache_dir}/{manifest stem}.{train|eval}.{key[:16]}.array_record`` and a
-    ``.json`` side file with the metadata and skip report. ``key`` hashes the manifest
-    (path and bytes), the audio files' sizes and mtimes, the feature config, the tokenizer
-    model bytes, ``max_frames``, ``subsampling_factor`` and ``train``; when both files exist
-    with that key nothing is recomputed (``from_cache=True``). Files are written under
-    temporary names and renamed, the JSON last, so an interrupted run leaves no valid
-    cache.
+    The manifest's lines are cut into shards of ``data.prepare_shard_lines``; process
+    `process_index` of `process_count` prepares shards ``process_index``,
+    ``process_index + process_count``, ... (each ``{cache_dir}/{manifest stem}.{train|eval}.
+    {key[:16]}.{i}-of-{n}.array_record`` + ``.json``, written under temporary names and
+    renamed, the JSON last); then, after `barrier` (every process has finished its
+    shards; needed with several processes), the split is assembled from all shards in
+    manifest order (examples, skip reports) and its ``{...}.{key[:16]}.json`` written.
+    Shards depend on the manifest, not on the process count: one process or several give
+    the same files and the same examples. A shard already prepared with the same ``key``
+    is reused, so a preparation killed half way redoes only its unfinished shards; when
+    the split's JSON exists nothing is recomputed (``from_cache=True``). ``key`` hashes
+    the manifest (path and bytes), the audio files' sizes and mtimes, the feature config,
+    the tokenizer model bytes, ``max_frames``, ``subsampling_factor`` and ``train``.
 
     Args:
       manifest_path: NeMo-style JSON-lines manifest.
       tokenizer: the run's tokenizer.
       cfg: the data config (:func:`default_data_config` keys); uses ``num_mel_bins``,
-        ``max_frames``, ``subsampling_factor``, ``on_bad_input``, ``num_workers``.
+        ``max_frames``, ``subsampling_factor``, ``on_bad_input``, ``num_workers``,
+        ``prepare_shard_lines``.
       cache_dir: where prepared splits live (created).
       train: training split (skip every bad input) or eval split (see module docstring).
+      process_index, process_count, barrier: this process's share of the shards, and a
+        function that returns once every process has finished its share.
 
     Raises:
       ValueError: with ``on_bad_input='error'``, the first bad line as
@@ -552,44 +653,28 @@ def prepare_split(
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     base = f"{Path(manifest).stem}.{'train' if train else 'eval'}.{key[:16]}"
-    record_path, meta_path = cache / f"{base}.array_record", cache / f"{base}.json"
-    strict = cfg.on_bad_input == "error"
+    meta_path = cache / f"{base}.json"
+    job = _Job(manifest, key, cache, base, tokenizer, fcfg, limits, cfg, cfg.on_bad_input == "error")
 
-    meta = _load_cached(meta_path, record_path, key)
+    meta = _load_cached(meta_path, key)
     if meta is not None:
-        log.info("%s: using cached %s", manifest, record_path)
-        return _cached_split(meta, record_path, meta_path, strict=strict)
+        log.info("%s: using cached %s", manifest, meta_path)
+        return _cached_split(meta, meta_path, strict=job.strict)
 
-    # Malformed lines and parsed rows, merged back into file order.
+    # Malformed lines and parsed rows, merged back into file order, cut into shards.
     items: list[Utterance | SkippedLine] = sorted([*rows, *malformed], key=lambda x: x.line)
-    report = _SkipLog(manifest)
-    tmp_record = record_path.with_name(record_path.name + f".tmp{os.getpid()}")
-    writer = ArrayRecordWriter(str(tmp_record), "group_size:1")
-    try:
-        with _processed([x for x in items if isinstance(x, Utterance)], tokenizer, fcfg, limits, cfg) as results:
-            examples = _write_examples(writer, items, results, report, strict=strict)
-    except BaseException:
-        writer.close()
-        tmp_record.unlink(missing_ok=True)
-        raise
-    writer.close()
-    meta = {
-        "key": key,
-        "manifest": manifest,
-        "train": bool(train),
-        "feature_config": fcfg.to_dict(),
-        "num_lines": len(items),
-        "skipped": report.skipped,
-        "warnings": report.warnings,
-        "skip_log": report.entries,
-        "examples": examples,
-    }
-    os.replace(tmp_record, record_path)
-    tmp_meta = meta_path.with_name(meta_path.name + f".tmp{os.getpid()}")
-    tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_meta, meta_path)
-    split = _split_from_meta(meta, record_path, meta_path, from_cache=False)
-    if report.skipped or report.warnings:
+    size = int(cfg.prepare_shard_lines)
+    ranges = [(a, min(a + size, len(items))) for a in range(0, max(len(items), 1), size)]
+    for shard in range(process_index, len(ranges), process_count):
+        _prepare_shard(job, items[slice(*ranges[shard])], shard, len(ranges))
+    if barrier is not None:
+        barrier()
+    shards = [_prepare_shard(job, items[slice(*r)], i, len(ranges)) for i, r in enumerate(ranges)]
+    meta = _merged(job, shards, len(items), train)
+    if process_index == 0:  # one writer; the others assembled the same in memory
+        _write_atomic(meta_path, json.dumps(meta))
+    split = _split_from_meta(meta, meta_path, from_cache=False)
+    if split.skipped or split.warnings:
         log.warning("%s", skip_report(split))
     return split
 
@@ -624,7 +709,7 @@ def skip_report(split: PreparedSplit) -> str:
 
 def _source(split: PreparedSplit) -> grain.MapDataset:
     """Example ``i`` of the split as a decoded dict (see :func:`decode_example`)."""
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource([split.path])).map(decode_example)
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(split.paths))).map(decode_example)
 
 
 def _empty_batch(rows: int, frames: int, labels: int, bins: int) -> dict:
