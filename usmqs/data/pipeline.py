@@ -81,6 +81,7 @@ __all__ = [
     "SkipReason",
     "batch_shapes",
     "ctc_min_frames",
+    "data_config_from_serving",
     "decode_example",
     "default_data_config",
     "encode_example",
@@ -90,6 +91,7 @@ __all__ = [
     "feature_config",
     "make_train_iterator",
     "prepare_split",
+    "serving_settings",
     "skip_report",
     "stored_log_mel",
     "subsampled_length",
@@ -197,6 +199,36 @@ def stored_log_mel(audio: np.ndarray, fcfg: features_lib.FeatureConfig) -> np.nd
     whatever decodes audio outside a prepared split goes through this to see the same
     features as training and evaluation."""
     return features_lib.compute_log_mel(audio, fcfg).astype(STORAGE_DTYPE)
+
+
+# Data settings that decoding audio depends on (besides the front end itself).
+SERVING_KEYS = ("num_mel_bins", "feature_norm", "subsampling_factor", "bucket_boundaries", "max_frames", "batch_size")
+
+
+def serving_settings(cfg: ml_collections.ConfigDict) -> dict:
+    """What decoding audio needs from a data config, JSON-ready: ``features`` (every
+    `FeatureConfig` field, the sample rate included) and `SERVING_KEYS` (normalization,
+    length buckets, the longest trained length, batch size). An export stores it."""
+    settings = {k: cfg[k] for k in SERVING_KEYS}
+    settings["bucket_boundaries"] = [int(b) for b in cfg.bucket_boundaries]
+    return {"features": feature_config(cfg).to_dict(), **settings}
+
+
+def data_config_from_serving(
+    settings: dict,
+) -> tuple[ml_collections.ConfigDict, features_lib.FeatureConfig]:
+    """The inverse of `serving_settings`: a validated data config (defaults for the keys
+    serving does not read) and the front end. Raises ValueError (or TypeError) on
+    settings that do not make one."""
+    values = {k: settings[k] for k in SERVING_KEYS}
+    values["bucket_boundaries"] = tuple(int(b) for b in values["bucket_boundaries"])
+    cfg = default_data_config()
+    cfg.update(values)
+    validate_data_config(cfg)
+    fcfg = features_lib.FeatureConfig(**settings["features"])
+    if fcfg.num_mel_bins != cfg.num_mel_bins:
+        raise ValueError(f"features have {fcfg.num_mel_bins} mel bins, num_mel_bins is {cfg.num_mel_bins}")
+    return cfg, fcfg
 
 
 # ------------------------------------------------------------------------ CTC lengths
