@@ -14,6 +14,7 @@ The layering (lowest first; a module imports only from its own package or lower 
     run                                      what every command needs from a workdir
     evaluate                                 decoders, scoring, decoding a workdir's split
     train, export                            the loop; the packed export and serving
+    transcribe                               audio files -> text, from a run or its export
     study_report                             rows, tables, plot, README block of a study
     study, compile                           the compression study; ahead-of-time compile
     cli                                      argument parsing
@@ -36,6 +37,7 @@ LAYERS = (
     ("run",),
     ("evaluate",),
     ("train", "export"),
+    ("transcribe",),
     ("study_report",),
     ("study", "compile"),
     ("cli",),

@@ -74,6 +74,21 @@ def cmd_export(args, overrides):
     export.export_workdir(cfg, args.workdir, index_encoding=args.index_encoding)
 
 
+def cmd_transcribe(args, overrides):
+    from usmqs import export, transcribe
+
+    if args.export:
+        export.limit_heap_retention()  # this process only serves the export, then exits
+    try:
+        transcribe.transcribe_files(
+            args.audio, workdir=args.workdir, export_dir=args.export, manifests=args.manifest,
+            out_path=args.out, overrides=overrides, decoder=args.decoder, beam_size=args.beam_size,
+            batch_size=args.batch_size, max_duration=args.max_duration,
+        )
+    except transcribe.TranscribeError as e:
+        raise SystemExit(f"usmqs transcribe: {e}") from None
+
+
 def cmd_compile(args, overrides):
     import json
 
@@ -110,6 +125,28 @@ def cmd_demo(args, overrides):
     if not pathlib.Path(args.config).is_file():
         raise SystemExit(f"{args.config} not found: `usmqs demo` runs from a source checkout")
     cmd_study(args, overrides)
+
+
+TRANSCRIBE_DESCRIPTION = """\
+Transcribe audio files (wav/flac, any sample rate and channel count) with a training run's
+newest checkpoint (--workdir) or a packed export alone (--export). Writes one JSON line per
+input, in input order:
+  {"audio_filepath", "text", "duration", "seconds"}      transcribed
+  {"audio_filepath", "error", "duration", "seconds"}     skipped: unreadable, corrupt,
+                                                         empty, too short or too long
+duration: seconds of audio. seconds: processing time attributed to the file: its reading,
+features and decoding, plus its share of each batched forward pass it was in (the pass's
+time split among its rows by their frames; the first pass of each batch shape includes
+compilation). Progress (files, audio seconds, real-time factor = processing seconds /
+audio seconds, ETA), skipped files and a summary go to stderr. Exit code 0 when at least
+one file was transcribed.
+
+Long files: a file longer than the run's data.max_frames (its longest training utterance)
+is decoded in windows of that length every half window; each window contributes the
+encoder frames of its middle half and the kept frames are decoded as one sequence, so no
+word is lost at a window edge (twice the encoder time on such files). Files longer than
+--max-duration are refused.
+"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,6 +202,23 @@ def main(argv: list[str] | None = None) -> None:
         help="N:M index layout: per-value positions (hardware 2:4) or per-group ranks",
     )
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser(
+        "transcribe", help="speech in, text out: audio files -> JSON lines, from a run or its export",
+        description=TRANSCRIBE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model = s.add_mutually_exclusive_group(required=True)
+    model.add_argument("--workdir", help="a training run: its newest checkpoint, config.json, tokenizer")
+    model.add_argument("--export", metavar="DIR", help="a packed export (`usmqs export` output) alone")
+    s.add_argument("audio", nargs="*", metavar="AUDIO_OR_FOLDER", help="files; folders: *.wav, *.flac, recursively")
+    s.add_argument("--manifest", action="append", default=[], help="NeMo-style JSON lines (text optional: WER/CER when given); repeatable")
+    s.add_argument("--out", metavar="F.jsonl", help="write the JSON lines here (default: stdout)")
+    s.add_argument("--decoder", choices=("greedy", "beam"), help="default: the run's eval.decoder (greedy for an export)")
+    s.add_argument("--beam-size", type=int, help="default: the run's eval.beam_size (8 for an export)")
+    s.add_argument("--batch-size", type=int, help="files per forward pass (default: the run's data.batch_size)")
+    s.add_argument("--max-duration", type=float, metavar="SECONDS",
+                   help="refuse longer files (they are decoded whole in memory; default 3600)")
+    s.set_defaults(fn=cmd_transcribe)
 
     s = sub.add_parser(
         "compile", help="ahead-of-time compile of the train step for a mesh, no weights",

@@ -98,20 +98,24 @@ def ctc_prefix_beam_search(
     return sorted(out, key=lambda h: h.score, reverse=True)
 
 
+def decode(log_probs: np.ndarray, *, decoder: str, beam_size: int = 8) -> tuple[int, ...]:
+    """The best token sequence of one utterance's `log_probs [T, V]` (valid frames only)
+    under `decoder`: "greedy" or "beam" (prefix beam search of `beam_size`)."""
+    if decoder == "greedy":
+        return ctc_greedy_search(log_probs).tokens
+    if decoder == "beam":
+        return ctc_prefix_beam_search(log_probs, beam_size=beam_size)[0].tokens
+    raise ValueError(f"eval.decoder must be 'greedy' or 'beam', got {decoder!r}")
+
+
 def decode_batch(
     log_probs: np.ndarray, out_mask: np.ndarray, *, decoder: str, beam_size: int = 8
 ) -> list[tuple[int, ...]]:
     """Decode every row of `log_probs [B, T, V]` over its valid frames `out_mask [B, T]`."""
-    results = []
-    for lp, m in zip(log_probs, out_mask):
-        lp = lp[: int(m.sum())]
-        if decoder == "greedy":
-            results.append(ctc_greedy_search(lp).tokens)
-        elif decoder == "beam":
-            results.append(ctc_prefix_beam_search(lp, beam_size=beam_size)[0].tokens)
-        else:
-            raise ValueError(f"eval.decoder must be 'greedy' or 'beam', got {decoder!r}")
-    return results
+    return [
+        decode(lp[: int(m.sum())], decoder=decoder, beam_size=beam_size)
+        for lp, m in zip(log_probs, out_mask)
+    ]
 
 
 def score(references: list[str], hypotheses: list[str]) -> dict:

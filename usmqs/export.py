@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import logging
 import os
 import pathlib
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -34,8 +36,12 @@ from usmqs.compress.codec import PackedKernel
 from usmqs.compress.export_format import EXPORT_DIRNAME, ExportError
 from usmqs.compress.layers import Conv
 from usmqs.compress.packing import IndexEncoding
+from usmqs.data import pipeline
+from usmqs.data.features import FeatureConfig
 from usmqs.data.tokenizer import Tokenizer
 from usmqs.models.conformer import ConformerCTC
+
+log = logging.getLogger("usmqs.export")
 
 # ============================================================================ memory
 
@@ -109,6 +115,35 @@ class Served:
     @property
     def tokenizer_file(self) -> pathlib.Path:
         return self.export_dir / self.metadata["tokenizer"]
+
+    def load_tokenizer(self) -> Tokenizer:
+        """The export's tokenizer (verified by `load_export`); an ExportError when its
+        size is not the metadata's vocabulary size."""
+        tokenizer = Tokenizer.load(self.tokenizer_file)
+        if tokenizer.vocab_size != self.vocab_size:
+            raise ExportError(f"export tokenizer has {tokenizer.vocab_size} pieces, metadata says {self.vocab_size}")
+        return tokenizer
+
+    def data_config(self) -> tuple[ml_collections.ConfigDict, FeatureConfig]:
+        """The data config (front end, normalization, buckets, batch size) and the
+        `FeatureConfig` the exported run decoded audio with, from the metadata's ``data``.
+        An export written before ``data`` existed gets the defaults with the model's mel
+        bins, with a warning saying so."""
+        settings = self.metadata.get("data")
+        if settings is None:
+            cfg = pipeline.default_data_config()
+            cfg.num_mel_bins = int(self.metadata["model_config"]["num_mel_bins"])
+            log.warning(
+                "%s has no data settings (exported before they were stored): using the "
+                "default front end, feature_norm=%r, buckets %s, max_frames=%d; re-export the "
+                "run if it was trained otherwise", self.export_dir, cfg.feature_norm,
+                tuple(cfg.bucket_boundaries), cfg.max_frames,
+            )
+            return cfg, pipeline.feature_config(cfg)
+        try:
+            return pipeline.data_config_from_serving(settings)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ExportError(f"{self.export_dir}: metadata data settings are invalid: {e!r}") from e
 
     def log_probs(self, features, feature_mask) -> tuple[jax.Array, jax.Array]:
         """log_softmax(logits) [B, T', V] float32 and out_mask [B, T'], like the eval step."""
@@ -261,7 +296,7 @@ def export_workdir(config, workdir, *, index_encoding: IndexEncoding | str = Ind
             model, workdir / EXPORT_DIRNAME,
             model_config=config.model, vocab_size=vocab_size, policy=setup.policy,
             tokenizer_file=tok_file, index_encoding=index_encoding, step=int(reader.step),
-            read_arrays=reader,
+            read_arrays=reader, data=pipeline.serving_settings(config.data),
         )
     finally:
         reader.close()
@@ -282,9 +317,7 @@ def evaluate_export(config, workdir, manifest: str | None = None, split: str = "
     must describe the same model."""
     workdir = pathlib.Path(workdir)
     served = load_export(workdir / EXPORT_DIRNAME, config=config)
-    tokenizer = Tokenizer.load(served.tokenizer_file)
-    if tokenizer.vocab_size != served.vocab_size:
-        raise ExportError(f"export tokenizer has {tokenizer.vocab_size} pieces, metadata says {served.vocab_size}")
+    tokenizer = served.load_tokenizer()
     manifest, suffix = evaluate_lib.split_manifest(config, split, manifest)
     prepared = run.prepare_split(config, workdir, manifest, tokenizer, train=False)
     metrics, rows = evaluate_lib.run_decoding(served.log_probs, prepared, config.data, tokenizer, config.eval)

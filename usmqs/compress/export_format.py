@@ -6,7 +6,10 @@ Directory (``FORMAT_VERSION`` 1)::
       metadata.json    format + version, train step, model config, vocab size, policy
                        (rules as data), index encoding, one record per tensor (below, with
                        the sha256 of every stored array) and the size + sha256 of every
-                       file under arrays/ and of the tokenizer; written after them
+                       file under arrays/ and of the tokenizer; written after them.
+                       Optional ``data``: the run's front end and batching settings
+                       (`usmqs.data.pipeline.serving_settings`), which decoding audio needs;
+                       exports written before it was added lack it (same version)
       arrays/          Orbax PyTree checkpoint of numpy arrays (zarr3 + OCDBT) written
                        with compression OFF, so the bytes on disk are the bytes accounted
       tokenizer.model  the run's sentencepiece model (serving needs nothing else)
@@ -362,6 +365,7 @@ def write_export(
     index_encoding: IndexEncoding | str = IndexEncoding.POSITION,
     step: int | None = None,
     read_arrays: Callable[[list[str]], Mapping[str, Any]] | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> dict:
     """Write the export of `model` (a policy ConformerCTC with its masks) to `out_dir`.
 
@@ -371,6 +375,9 @@ def write_export(
     shapes only (`nnx.eval_shape`) and the weights are read one compressed layer at a
     time, so memory stays near one layer's worth (`usmqs.export.export_workdir` reads a
     checkpoint this way).
+
+    `data` (JSON-ready): the front end and batching settings serving needs, stored as
+    the metadata's ``data``.
 
     Atomic: everything goes to a temporary sibling folder that is renamed to `out_dir`
     only when complete (an existing export is replaced after that). Returns the size
@@ -393,6 +400,8 @@ def write_export(
         "scale_dtype": "float32",
         "tensors": tensors,
     }
+    if data is not None:
+        meta["data"] = dict(data)
     return _write_atomically(out_dir, arrays, tokenizer_file, meta)
 
 

@@ -81,8 +81,9 @@ class Utterance:
     line: int
 
 
-def _parse_line(raw: bytes, folder: str) -> tuple[str, str, float | None]:
-    """Validates one line; returns (absolute audio path, text, duration) or raises ValueError."""
+def _parse_line(raw: bytes, folder: str, require_text: bool = True) -> tuple[str, str, float | None]:
+    """Validates one line; returns (absolute audio path, text, duration) or raises ValueError.
+    Without `require_text` a missing (or null) text is ``""``."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -93,6 +94,8 @@ def _parse_line(raw: bytes, folder: str) -> tuple[str, str, float | None]:
         raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if not require_text and row.get("text") is None:
+        row["text"] = ""
     for key in ("audio_filepath", "text"):
         if key not in row:
             raise ValueError(f"missing key {key!r}")
@@ -114,13 +117,13 @@ def _parse_line(raw: bytes, folder: str) -> tuple[str, str, float | None]:
 
 @overload
 def read_manifest(
-    path: str | os.PathLike, on_error: Literal["raise", OnError.RAISE] = ...
+    path: str | os.PathLike, on_error: Literal["raise", OnError.RAISE] = ..., *, require_text: bool = ...
 ) -> list[Utterance]: ...
 @overload
 def read_manifest(
-    path: str | os.PathLike, on_error: Literal["skip", OnError.SKIP]
+    path: str | os.PathLike, on_error: Literal["skip", OnError.SKIP], *, require_text: bool = ...
 ) -> tuple[list[Utterance], list[SkippedLine]]: ...
-def read_manifest(path, on_error="raise"):
+def read_manifest(path, on_error="raise", *, require_text=True):
     """Reads a JSON-lines manifest.
 
     Blank lines are ignored. Each other line must be a JSON object with a string
@@ -130,6 +133,8 @@ def read_manifest(path, on_error="raise"):
     Args:
       path: the manifest file.
       on_error: ``"raise"`` (default) or ``"skip"`` (see :class:`OnError`).
+      require_text: False: ``text`` may be missing or null (audio to transcribe); it is
+        then ``""``.
 
     Returns:
       ``"raise"``: the rows, in file order.
@@ -150,7 +155,7 @@ def read_manifest(path, on_error="raise"):
             if not raw.strip():
                 continue
             try:
-                audio, text, duration = _parse_line(raw, folder)
+                audio, text, duration = _parse_line(raw, folder, require_text)
             except ValueError as e:
                 if mode is OnError.RAISE:
                     raise ManifestError(os.fspath(path), number, str(e)) from None

@@ -81,14 +81,19 @@ __all__ = [
     "SkipReason",
     "batch_shapes",
     "ctc_min_frames",
+    "data_config_from_serving",
     "decode_example",
     "default_data_config",
     "encode_example",
     "eval_batches",
+    "eval_plan",
+    "feature_batch",
     "feature_config",
     "make_train_iterator",
     "prepare_split",
+    "serving_settings",
     "skip_report",
+    "stored_log_mel",
     "subsampled_length",
     "validate_data_config",
 ]
@@ -192,6 +197,43 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
 def feature_config(cfg: ml_collections.ConfigDict) -> features_lib.FeatureConfig:
     """The front end for a data config: ``FeatureConfig`` defaults with its mel bins."""
     return features_lib.FeatureConfig(sample_rate=SAMPLE_RATE, num_mel_bins=int(cfg.num_mel_bins))
+
+
+def stored_log_mel(audio: np.ndarray, fcfg: features_lib.FeatureConfig) -> np.ndarray:
+    """Log-mel ``[T, F]`` of mono ``audio`` as prepared splits store it (``STORAGE_DTYPE``):
+    whatever decodes audio outside a prepared split goes through this to see the same
+    features as training and evaluation."""
+    return features_lib.compute_log_mel(audio, fcfg).astype(STORAGE_DTYPE)
+
+
+# Data settings that decoding audio depends on (besides the front end itself).
+SERVING_KEYS = ("num_mel_bins", "feature_norm", "subsampling_factor", "bucket_boundaries", "max_frames", "batch_size")
+
+
+def serving_settings(cfg: ml_collections.ConfigDict) -> dict:
+    """What decoding audio needs from a data config, JSON-ready: ``features`` (every
+    `FeatureConfig` field, the sample rate included) and `SERVING_KEYS` (normalization,
+    length buckets, the longest trained length, batch size). An export stores it."""
+    settings = {k: cfg[k] for k in SERVING_KEYS}
+    settings["bucket_boundaries"] = [int(b) for b in cfg.bucket_boundaries]
+    return {"features": feature_config(cfg).to_dict(), **settings}
+
+
+def data_config_from_serving(
+    settings: dict,
+) -> tuple[ml_collections.ConfigDict, features_lib.FeatureConfig]:
+    """The inverse of `serving_settings`: a validated data config (defaults for the keys
+    serving does not read) and the front end. Raises ValueError (or TypeError) on
+    settings that do not make one."""
+    values = {k: settings[k] for k in SERVING_KEYS}
+    values["bucket_boundaries"] = tuple(int(b) for b in values["bucket_boundaries"])
+    cfg = default_data_config()
+    cfg.update(values)
+    validate_data_config(cfg)
+    fcfg = features_lib.FeatureConfig(**settings["features"])
+    if fcfg.num_mel_bins != cfg.num_mel_bins:
+        raise ValueError(f"features have {fcfg.num_mel_bins} mel bins, num_mel_bins is {cfg.num_mel_bins}")
+    return cfg, fcfg
 
 
 # ------------------------------------------------------------------------ CTC lengths
@@ -347,7 +389,7 @@ def _process(utt: Utterance, tokenizer: Tokenizer, fcfg: features_lib.FeatureCon
             audio = load_audio(utt.audio_filepath, SAMPLE_RATE)
         except AudioError as e:
             raise _Problem(SkipReason.AUDIO_ERROR, str(e)) from None
-        feats = features_lib.compute_log_mel(audio, fcfg)
+        feats = stored_log_mel(audio, fcfg)
         frames = feats.shape[0]
         if frames > limits.max_frames:
             warning = warning or _Problem(
@@ -899,6 +941,39 @@ def make_train_iterator(
     return iter(it_ds)
 
 
+def eval_plan(num_frames: Sequence[int], cfg: ml_collections.ConfigDict) -> list[tuple[int, np.ndarray]]:
+    """The global batches of an evaluation, ``[(T_b, example indices [batch_size])]``.
+
+    Examples are grouped by padded length (the smallest bucket boundary that holds
+    ``num_frames[i]``, or a multiple of the last one), buckets in increasing size, input
+    order within a bucket, cut into batches of ``cfg.batch_size``; the last batch of each
+    bucket is filled with index -1 (an empty row).
+    """
+    bounds = tuple(int(b) for b in cfg.bucket_boundaries)
+    padded = [_bucket_frames(int(t), bounds) for t in num_frames]
+    plan = []
+    bs = int(cfg.batch_size)
+    for frames in sorted(set(padded)):
+        members = np.asarray([i for i, p in enumerate(padded) if p == frames], np.int64)
+        members = np.concatenate([members, np.full(-members.size % bs, -1, np.int64)])
+        plan.extend((frames, chunk) for chunk in members.reshape(-1, bs))
+    return plan
+
+
+def feature_batch(
+    rows: Sequence[np.ndarray | None], frames: int, cfg: ml_collections.ConfigDict
+) -> dict:
+    """A batch of log-mel rows (as stored; None = an empty row) padded to ``frames``,
+    normalized as evaluation batches are (module docstring layout; no labels, and
+    ``example_index`` is the row number, -1 for empty rows)."""
+    batch = _empty_batch(len(rows), frames, 0, int(cfg.num_mel_bins))
+    no_labels = np.zeros((0,), np.int32)
+    for r, feats in enumerate(rows):
+        if feats is not None:
+            _put_row(batch, r, r, normalize_features(feats, cfg.feature_norm), no_labels)
+    return batch
+
+
 class _EvalBatch:
     def __init__(self, split: PreparedSplit, cfg, plan: list, process_index: int, process_count: int):
         self.examples = _source(split)
@@ -926,10 +1001,10 @@ def eval_batches(
 ) -> Iterator[dict]:
     """Every example exactly once, deterministic order, no augmentation.
 
-    Examples are grouped by padded length (buckets in increasing size, manifest order
-    within a bucket) and cut into global batches of ``cfg.batch_size``; the last batch of
-    each bucket is filled with empty rows (all masks False, ``example_index == -1``).
-    Utterances longer than the last boundary are padded to a multiple of it. Each process
+    Global batches as `eval_plan` makes them: grouped by padded length (buckets in
+    increasing size, manifest order within a bucket), ``cfg.batch_size`` rows, the last
+    batch of each bucket filled with empty rows (all masks False, ``example_index ==
+    -1``); utterances longer than the last boundary padded to a multiple of it. Each process
     gets rows ``[process_index::process_count]``; ``example_index`` maps rows to
     ``split.metadata``.
     """
@@ -937,14 +1012,7 @@ def eval_batches(
         raise ValueError(
             f"data.batch_size={cfg.batch_size} does not divide by process_count={process_count}"
         )
-    bounds = tuple(int(b) for b in cfg.bucket_boundaries)
-    padded = [_bucket_frames(int(t), bounds) for t in split.num_frames]
-    plan = []
-    bs = int(cfg.batch_size)
-    for frames in sorted(set(padded)):
-        members = np.asarray([i for i, p in enumerate(padded) if p == frames], np.int64)
-        members = np.concatenate([members, np.full(-members.size % bs, -1, np.int64)])
-        plan.extend((frames, chunk) for chunk in members.reshape(-1, bs))
+    plan = eval_plan(split.num_frames, cfg)
     if not plan:
         return iter(())
     ds = grain.MapDataset.range(len(plan)).map(_EvalBatch(split, cfg, plan, process_index, process_count))
