@@ -18,7 +18,11 @@ import shutil
 from collections.abc import Iterator
 
 _OUT_OF_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_OUT_OF_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "resource_exhausted")
+_OUT_OF_SPACE_TEXT = (
+    "no space left on device", "disk quota exceeded", "resource_exhausted",
+    # tensorstore's os error codes: ENOSPC, EDQUOT (Linux)
+    "os_error_code='28'", "os_error_code='122'",
+)
 
 
 class WriteError(OSError):
