@@ -68,6 +68,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(small_corpus
         evaluate.evaluate_workdir(cfg, workdir)
     with pytest.raises(checkpoints.CheckpointError, match="can be restored: step 6: .*; step 4: "):
         train.train_and_evaluate(cfg, workdir)
+    assert _steps(workdir) == [4, 6]  # nothing moved when nothing restores
 
 
 @pytest.fixture

@@ -10,9 +10,10 @@
   the newest complete checkpoint always stays.
 * Restores fall back (`restore_newest`): if the newest checkpoint cannot be read
   (truncated or missing array file, bad metadata), a warning names its step and the
-  error and the next older one is tried; a training run moves the bad ones to
+  error and the next older one is tried; a training run then moves the bad ones to
   ``checkpoints.bad/`` (a newer, broken step would otherwise shadow the run's new saves);
-  when none restores, a `CheckpointError` names the directory and every step's error.
+  when none restores, a `CheckpointError` names the directory and every step's error,
+  and nothing is moved.
   With several processes, all processes must restore a step for it to count.
 """
 
@@ -73,10 +74,12 @@ def restore_newest(
     """(step, restore(step)) of the newest step that restores; None without checkpoints.
 
     Steps that fail are reported (a warning with the step and the error) and skipped;
-    with `quarantine` they are moved there (by process 0) so that later saves are not
-    shadowed by them. `what` names the checkpoints in messages (e.g. "init_from=DIR").
+    with `quarantine`, once an older step has restored, the failed newer ones are moved
+    there (by process 0) so that later saves are not shadowed by them. When no step
+    restores nothing is moved (every step failing alike is more likely a model that does
+    not fit the checkpoints than damage). `what` names the checkpoints in messages.
     """
-    errors = []
+    errors, failed = [], []
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             value, error = restore(step), None
@@ -85,12 +88,13 @@ def restore_newest(
         if _all_processes(error is None):
             if errors:
                 log.warning("%s: restored step %d instead (newer steps failed above)", what, step)
+            for bad in failed if quarantine is not None else ():
+                _move_aside(mngr, bad, quarantine)
             return step, value
         msg = _brief(error or RuntimeError("another process could not restore it"))
         errors.append(f"step {step}: {msg}")
+        failed.append(step)
         log.warning("%s: checkpoint step %d cannot be restored (%s); trying the previous one", what, step, msg)
-        if quarantine is not None:
-            _move_aside(mngr, step, quarantine)
     if errors:
         raise CheckpointError(
             f"{what}: no checkpoint under {mngr.directory} can be restored: " + "; ".join(errors)
