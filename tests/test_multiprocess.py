@@ -53,7 +53,7 @@ COMMON = [
     "train.log_every=1", "train.checkpoint_every=2",
     "distributed.heartbeat_timeout=10", "distributed.initialization_timeout=60",
 ]
-TIMEOUT_S = 120
+TIMEOUT_S = 240  # per launch; a loaded 2-core machine needs ~100 s
 
 
 def _free_port() -> int:

@@ -598,7 +598,7 @@ def _prepare_shard(job: _Job, items: list, shard: int, count: int) -> dict:
     record_name, meta_name = _shard_names(job, shard, count)
     meta = _load_json(job.cache / meta_name, job.key)
     if meta is not None and (job.cache / record_name).exists():
-        log.info("%s: shard %d/%d prepared earlier", job.manifest, shard + 1, count)
+        log.debug("%s: shard %d/%d prepared earlier", job.manifest, shard + 1, count)
         return meta
     report = _SkipLog(job.manifest)
     tmp_record = job.cache / f"{record_name}.tmp{os.getpid()}"
