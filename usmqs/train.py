@@ -189,7 +189,11 @@ class MetricsLog:
             with storage.writing(self.path, "training metrics"):
                 self.file = self._stack.enter_context(open(self.path, "a"))
             self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=progress.start + 1)
-            self._stack.callback(self.writer.close)
+            self._stack.callback(self._close_writer, workdir / "tensorboard")
+
+    def _close_writer(self, directory: pathlib.Path) -> None:
+        with storage.writing(directory, "TensorBoard events"):
+            self.writer.close()
 
     def _drop_after(self, step: int) -> int:
         if not self.path.is_file():
