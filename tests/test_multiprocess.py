@@ -39,6 +39,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from usmqs import preemption
 from usmqs.sharding import DEFAULT_RULES
 
@@ -64,7 +65,7 @@ def _free_port() -> int:
 
 def _env(devices: int, tmp: pathlib.Path, **extra) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     # The resumed launch reuses executables of the first one (process 0's, at least).
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")

@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+from conftest import xla_flags
 from usmqs import sharding as sharding_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ VOCAB = 40
 
 def _run_checks(*names: str) -> str:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = xla_flags(devices=8)
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, __file__, *names], env=env, cwd=ROOT, capture_output=True, text=True,
@@ -89,7 +90,8 @@ def test_compile_cli_gets_its_fake_devices_and_reports_memory():
         "data.bucket_boundaries=(200,)", "data.max_frames=200", "data.vocab_size=40")]
     args = ["compile", "--config", f"{ROOT / 'configs/tiny.py'}:policy=int4+2:4",
             "--mesh", "fsdp=4", "--fake-devices", "4", "--no-init", *tiny]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["XLA_FLAGS"] = xla_flags()  # no device count: the CLI's --fake-devices sets it
     proc = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -246,7 +248,10 @@ def check_sharded_training():
                                            atol=1e-5 * scale, err_msg=k)
     print("losses 1 device:", losses1, "\nlosses fsdp=8:", losses8)
     np.testing.assert_allclose(losses8[:2], losses1[:2], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(losses8[2:], losses1[2:], rtol=0, atol=1e-2)
+    # Step 3 moves by AdamW's normalized updates, which turn rounding differences of the
+    # two programs' sums (different orders on 8 devices) into +-lr steps of whole tensors:
+    # close, not equal (0.2 % apart here without LLVM optimization, see conftest).
+    np.testing.assert_allclose(losses8[2:], losses1[2:], rtol=1e-2, atol=0)
 
 
 if __name__ == "__main__":

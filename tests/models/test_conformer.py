@@ -288,10 +288,14 @@ def test_gradient_steps_lower_ctc_loss_and_remat_is_exact():
         losses.append(float(loss))
         if i == 0:
             np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+            # Same values up to the rounding of another summation order (a gradient is a
+            # sum over frames and batch), relative to the largest gradient: some leaves
+            # (the key bias, which softmax ignores) are rounding noise themselves.
+            scale = max(float(np.abs(np.asarray(r)).max()) for r in jax.tree.leaves(ref_grads))
             for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
                 g = np.asarray(g)
                 assert np.isfinite(g).all() and np.abs(g).max() > 0, jax.tree_util.keystr(path)
-                np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+                np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
         params = new_params
     assert np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2]), losses
