@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import soundfile as sf
 
 from conftest import ROOT, sigterm_at_batch, tiny_config
 from usmqs import evaluate, preemption, run, train
@@ -237,6 +238,49 @@ def test_bad_input_is_skipped_and_reported(small_corpus, tmp_path):
     cfg.data.on_bad_input = "error"
     with pytest.raises(ValueError, match=str(manifest)):
         pipeline.prepare_split(str(manifest), tok, cfg.data, tmp_path / "fresh_cache", train=True)
+
+
+# Tightly trimmed single words, recorded at 8 kHz: (seconds, text). Character units are
+# the letters plus the word-boundary piece "▁" each utterance starts with: "yes" is 4
+# labels, "stop" 5. At 10 ms frames (25 ms windows) 0.15 s is 13 frames, 0.2 s 18: the 4x
+# subsampler keeps ceil(T / 4) = 4-5 of them (the VALID convolutions before kept 2-3).
+SHORT_WORDS = [(0.15, "yes"), (0.15, "two"), (0.17, "six"), (0.19, "stop"), (0.2, "left"), (0.2, "down")]
+TOO_SHORT = (0.15, "stop")  # 5 labels, 4 frames: no 4x front end can align it
+
+
+def _word_manifest(root: pathlib.Path, words) -> pathlib.Path:
+    rows = []
+    for i, (seconds, text) in enumerate(words):
+        n = round(seconds * 8000)
+        audio = 0.3 * np.sin(2 * np.pi * (300 + 50 * i) * np.arange(n) / 8000)
+        audio += 0.01 * np.random.default_rng(i).standard_normal(n)
+        sf.write(root / f"w{i}.wav", audio.astype(np.float32), 8000, subtype="PCM_16")
+        rows.append(json.dumps({"audio_filepath": f"w{i}.wav", "text": text, "duration": seconds}))
+    (root / "words.jsonl").write_text("\n".join(rows) + "\n")
+    return root / "words.jsonl"
+
+
+def test_short_words_are_kept_and_trained_on(tmp_path):
+    manifest = _word_manifest(tmp_path, [*SHORT_WORDS, TOO_SHORT])
+    cfg = tiny_config({"train": manifest, "test": manifest}, steps=1)
+    cfg.data.batch_size = len(SHORT_WORDS)
+    tok = run.load_or_train_tokenizer(cfg, tmp_path, str(manifest))
+    split = pipeline.prepare_split(str(manifest), tok, cfg.data, tmp_path / "cache", train=True)
+    assert split.skipped == {"labels_too_long": 1} and split.num_examples == len(SHORT_WORDS)
+    assert split.skip_log[0]["detail"] == "5 labels need 5 encoder frames, 13 frames give 4"
+    assert [m["num_frames"] for m in split.metadata] == [13, 13, 15, 17, 18, 18]
+    assert [m["num_labels"] for m in split.metadata] == [4, 4, 4, 5, 5, 5]
+
+    batch = next(pipeline.make_train_iterator(split, cfg.data, seed=0))
+    assert sorted(batch["example_index"].tolist()) == list(range(len(SHORT_WORDS)))
+    setup = run.build(cfg, tok.vocab_size)
+    step_fn, batch_sh = train.make_train_step(setup, cfg)
+    state = setup.init_fn(jax.random.PRNGKey(0))
+    new_state, m = step_fn(state, run.device_batch(batch, batch_sh))
+    # An alignment CTC cannot make costs optax's log-epsilon (1e5 per utterance): a loss of
+    # a few nats per label means every word was aligned to its frames.
+    assert int(m["skipped"]) == 0 and 0.0 < float(m["loss"]) < 20.0, m
+    assert float(m["grad_norm"]) > 0 and int(new_state.step) == 1
 
 
 def test_init_from_loads_float_weights_and_ptq_masks(small_corpus, float_run, tmp_path):

@@ -14,7 +14,7 @@ from usmqs.data.audio import load_audio
 from usmqs.data.tokenizer import Tokenizer
 
 SR = 16000
-BOUNDS = (100, 200, 300)  # frames; L_b = 24, 49, 74
+BOUNDS = (100, 200, 300)  # frames; L_b = 25, 50, 75
 GOOD = [  # (seconds, text) -> frames = 1 + (N - 400) // 160
     (0.5, "the cat"),
     (0.6, "a dog"),
@@ -80,7 +80,7 @@ def _write_corpus(root):
     bad[add({"audio_filepath": wav("e.wav", 1.0), "text": "€ 漢 !!", "duration": 1.0})] = "empty_transcript"
     # ...and an unknown character must be one that survives it: '7' is in no train text.
     bad[add({"audio_filepath": wav("u.wav", 1.0), "text": "the cat 7", "duration": 1.0})] = "unknown_chars"
-    # 0.3 s = 28 frames -> 6 encoder frames < 8 char labels of "the cat".
+    # 0.3 s = 28 frames -> 7 encoder frames < 8 char labels of "the cat".
     bad[add({"audio_filepath": wav("short.wav", 0.3), "text": "the cat", "duration": 0.3})] = "labels_too_long"
     bad[add('{"audio_filepath": "g0.wav", "text": ')] = "malformed_line"
     # 3.5 s = 348 frames > max_frames = 300.
@@ -323,7 +323,7 @@ def test_train_batches_layout_and_masks(corpus):
     cfg = _cfg()
     cfg.spec_augment.enabled = False
     shapes = set(pipeline.batch_shapes(cfg))
-    assert shapes == {(100, 24), (200, 49), (300, 74)}
+    assert shapes == {(100, 25), (200, 50), (300, 75)}
     it = pipeline.make_train_iterator(split, cfg, seed=3)
     n_epoch = 3  # ceil(10 / 4): leftovers of the buckets (5, 3, 2 examples) are merged
     seen = set()
@@ -408,16 +408,15 @@ def test_per_process_shards_are_disjoint_and_cover_the_global_batch(corpus):
 # --------------------------------------------------------------------- small functions
 
 
-def test_subsampled_length_matches_two_valid_stride2_convs():
-    def conv(t):  # 3x3 kernel, stride 2, VALID: floor((t - 3) / 2) + 1
-        return max((t - 3) // 2 + 1, 0)
+def test_subsampled_length_matches_two_padded_stride2_convs():
+    def conv(t):  # 3-wide kernel, stride 2, one zero frame padded each side: ceil(t / 2)
+        return (t + 2 - 3) // 2 + 1
 
     for t in range(0, 400):
-        expected = conv(conv(t)) if conv(t) > 0 else 0
-        assert pipeline.subsampled_length(t) == expected
-    assert pipeline.subsampled_length(1600) == 399
-    np.testing.assert_array_equal(pipeline.subsampled_length(np.array([7, 100, 1600])), [1, 24, 399])
-    assert pipeline.subsampled_length(100, 8) == (24 - 1) // 2
+        assert pipeline.subsampled_length(t) == conv(conv(t)) == -(-t // 4)
+    assert pipeline.subsampled_length(1600) == 400
+    np.testing.assert_array_equal(pipeline.subsampled_length(np.array([7, 13, 18, 100, 1600])), [2, 4, 5, 25, 400])
+    assert pipeline.subsampled_length(100, 8) == conv(conv(conv(100))) == 13
 
 
 def test_ctc_min_frames_counts_repeats():

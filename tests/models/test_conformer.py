@@ -74,10 +74,26 @@ def _batch(utterances, t, pad_value=None, seed=0):
 
 
 def test_subsampled_length_formula():
-    assert [subsampled_length(t) for t in (0, 1, 2, 3, 6, 7, 10, 11, 300)] == [0, 0, 0, 0, 0, 1, 1, 2, 74]
+    ts = [0, 1, 2, 3, 4, 5, 8, 9, 13, 17, 18, 300]
+    assert [subsampled_length(t) for t in ts] == [0, 1, 1, 1, 1, 2, 2, 3, 4, 5, 5, 75]
     ts = np.arange(0, 500)
+    np.testing.assert_array_equal(subsampled_length(ts), -(-ts // 4))  # ceil(T / 4)
     np.testing.assert_array_equal(subsampled_length(ts), [subsampled_length(int(t)) for t in ts])
     np.testing.assert_array_equal(np.asarray(subsampled_length(jnp.asarray(ts))), subsampled_length(ts))
+
+
+def test_subsampled_length_is_what_the_subsampler_outputs():
+    """The formula is the shape the padded stride-2 convolutions really produce, in time
+    and in frequency (the proj kernel's input width)."""
+    model = _abstract()
+    f_out = subsampled_length(MICRO["num_mel_bins"])
+    assert model.subsample.proj.kernel.shape == (f_out * MICRO["subsample_channels"], MICRO["model_dim"])
+    graphdef, state = nnx.split(model)
+    for t in range(1, 12):
+        x = jax.ShapeDtypeStruct((1, t, MICRO["num_mel_bins"]), jnp.float32)
+        m = jax.ShapeDtypeStruct((1, t), jnp.bool_)
+        logits, out_mask = jax.eval_shape(lambda st, x, m: nnx.merge(graphdef, st)(x, m), state, x, m)
+        assert logits.shape[1] == out_mask.shape[1] == subsampled_length(t), t
 
 
 def test_subsampled_length_matches_data_pipeline():
@@ -105,18 +121,24 @@ def test_output_shapes_and_lengths(micro):
 # -------------------------------------------------------------- padding / batching
 
 
-def test_valid_frames_do_not_depend_on_padding(micro):
-    """The key invariant: more (and garbage, even NaN) padding changes no valid output."""
+@pytest.mark.parametrize("length", [36, 37, 38, 39])  # every T mod 4: both convs' last windows
+def test_valid_frames_do_not_depend_on_padding(micro, length):
+    """The key invariant: more (and garbage, even NaN) padding changes no valid output.
+
+    The padded convolutions' last valid windows read one frame past the row's length (at
+    the input, or at conv1's output, for odd lengths there): it must be zero as in the
+    unpadded sequence, not the batch padding or conv1's bias on it.
+    """
     _, _, state, forward = micro
     rs = np.random.RandomState(2)
-    utt = _features(rs, 37)
-    n_out = subsampled_length(37)
-    ref, ref_mask = forward(state, *_batch([utt], 37), None)
-    assert int(ref_mask.sum()) == n_out == ref.shape[1]
-    for pad_value, t in ((None, 61), (np.nan, 61), (0.0, 90)):
+    utt = _features(rs, length)
+    n_out = subsampled_length(length)
+    ref, ref_mask = forward(state, *_batch([utt], length), None)
+    assert int(ref_mask.sum()) == n_out == ref.shape[1] == -(-length // 4)
+    for pad_value, t in ((None, length + 1), (None, length + 3), (None, 61), (np.nan, 61), (0.0, 90)):
         logits, out_mask = forward(state, *_batch([utt], t, pad_value), None)
         assert int(out_mask.sum()) == n_out
-        np.testing.assert_allclose(logits[0, :n_out], ref[0], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(logits[0, :n_out], ref[0], atol=1e-5, rtol=1e-5, err_msg=f"T={t}")
 
 
 def test_batch_independence(micro):

@@ -101,7 +101,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Bump when the record layout or the preparation logic changes: old caches become misses.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Features are stored as float16 on disk (log-mel lies in about [-23, 20], where float16
 # keeps ~3 significant digits) and widened to float32 in batches: half the disk and I/O.
 STORAGE_DTYPE = np.float16
@@ -240,19 +240,17 @@ def data_config_from_serving(
 
 
 def subsampled_length(num_frames, subsampling_factor: int = 4):
-    """Encoder output length for ``num_frames`` input frames (int or integer array).
+    """Encoder output length for ``num_frames`` input frames (int or integer array):
+    ``ceil(T / subsampling_factor)``.
 
-    The encoder front end is ``log2(subsampling_factor)`` 3x3 convolutions with stride 2
-    and VALID padding, each mapping ``t -> (t - 1) // 2`` (= ``(t - 3) // 2 + 1``). For the
-    default factor 4 (two convs): ``((T - 1) // 2 - 1) // 2``. Clipped at 0. The model
-    uses the same formula for its output mask.
+    The encoder front end is ``log2(subsampling_factor)`` 3x3 convolutions with stride 2,
+    each padded with one zero frame on either side, so each maps ``t -> ceil(t / 2)`` (=
+    ``(t + 2 - 3) // 2 + 1``), and k of them ``T -> ceil(T / 2**k)``: every input frame
+    reaches an output frame. The model uses the same arithmetic for its output mask.
     """
     t = np.asarray(num_frames, dtype=np.int64)
     factor = int(subsampling_factor)
-    while factor > 1:
-        t = (t - 1) // 2
-        factor //= 2
-    t = np.maximum(t, 0)
+    t = -(-t // factor)
     return int(t) if t.ndim == 0 else t
 
 

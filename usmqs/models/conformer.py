@@ -12,11 +12,15 @@ Every weight matrix / kernel lives in a `usmqs.compress.layers.Dense` or `Conv`,
 with a module path that the compression policy matches (`WEIGHT_PATHS`). Stacked layers
 share one path per weight (e.g. ``blocks/ffn1/w_in`` covers all layers).
 
-Padding. A frame t' of the output is valid iff t' < subsampled_length(sum(feature_mask)):
-the feature mask must be a prefix mask (valid frames first). Outputs on valid frames do not
-depend on what the padded frames contain nor on how much padding there is, because
-  * the VALID stride-2 convolutions of the subsampler only read valid input frames for
-    valid output frames (receptive field of output t' ends at input frame 4t'+6 < length);
+Padding. A frame t' of the output is valid iff t' < subsampled_length(sum(feature_mask))
+= ceil(T / 4): the feature mask must be a prefix mask (valid frames first). Every input
+frame reaches an output frame (a 0.15 s word, 13 frames, keeps 4: enough for CTC to emit
+4 labels). Outputs on valid frames do not depend on what the padded frames contain nor on
+how much padding there is, because
+  * each stride-2 convolution of the subsampler pads its input with one zero frame on
+    each side, and its input is zeroed past each row's own valid length first: the last
+    valid outputs, which read one frame past that length, see the zero an unpadded
+    sequence's convolution padding gives, whatever the batch padding holds;
   * attention masks padded keys (and zeroes their probabilities);
   * the depthwise convolution sees zeros on padded frames, exactly what it sees past the
     end of an unpadded sequence (SAME zero padding);
@@ -165,20 +169,29 @@ class ConformerConfig:
 
 # Time reduction of the encoder's front end (two stride-2 convolutions).
 SUBSAMPLING_FACTOR = 4
+# Zero frames (and mel bins) each subsampling convolution pads on either side: a 3-wide
+# stride-2 window then maps n frames to ceil(n / 2), centred on the even input frames.
+SUBSAMPLING_PADDING = (1, 1)
+
+
+def conv_output_length(length):
+    """Frames after one 3-wide stride-2 subsampling convolution: ceil(n / 2).
+
+    With SUBSAMPLING_PADDING: (n + 1 + 1 - 3) // 2 + 1 = (n + 1) // 2.
+    """
+    return (length + 1) // 2
 
 
 def subsampled_length(length):
-    """Frames after the 4x subsampler: ((T - 1) // 2 - 1) // 2, floored at 0.
+    """Frames after the 4x subsampler: ceil(T / 4) (two convs of `conv_output_length`).
 
-    Two 3x3 stride-2 VALID convolutions each map n frames to (n - 3) // 2 + 1 = (n - 1) // 2.
-    Works on Python ints, numpy arrays and jax arrays (tracers included, which the numpy
-    twin `usmqs.data.pipeline.subsampled_length` does not take); the two agree on every
-    length (tested).
+    Also the mel bins after it (the frequency axis is padded alike). Works on Python ints,
+    numpy arrays and jax arrays (tracers included, which the numpy twin
+    `usmqs.data.pipeline.subsampled_length` does not take); the two agree on every length
+    (tested).
     """
-    out = ((length - 1) // 2 - 1) // 2
-    if isinstance(out, (int, np.integer)):
-        return max(int(out), 0)
-    return jnp.maximum(out, 0) if isinstance(out, jax.Array) else np.maximum(out, 0)
+    out = conv_output_length(conv_output_length(length))
+    return int(out) if isinstance(out, (int, np.integer)) else out
 
 
 def with_logical_constraint(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -311,11 +324,15 @@ class Norm(nnx.Module):
 
 
 class ConvSubsampling(nnx.Module):
-    """4x time reduction: two Conv2D 3x3 stride 2 VALID + ReLU, then Dense to D.
+    """4x time reduction: two Conv2D 3x3 stride 2 + ReLU, then Dense to D.
 
     x [B, T, F] -> [B, T, F, 1] -conv1-> [B, T1, F1, C] -conv2-> [B, T', F', C]
       -> reshape [B, T', F'*C] -proj-> [B, T', D] -> dropout,
-    with T1 = (T-1)//2, T' = (T1-1)//2 (likewise for F). C = subsample_channels.
+    with T1 = ceil(T/2), T' = ceil(T1/2) = ceil(T/4) (likewise for F): each conv pads one
+    zero frame and bin on either side (`SUBSAMPLING_PADDING`). C = subsample_channels.
+    Each conv's input is zeroed past each row's valid length (ceil of the row's frames
+    halved per conv), so that its padded windows read zeros, not what the batch padding
+    holds (or what conv1's bias makes of it).
     """
 
     def __init__(self, cfg: ConformerConfig, *, policy: Policy | None, rngs: nnx.Rngs):
@@ -323,16 +340,17 @@ class ConvSubsampling(nnx.Module):
         f_out = subsampled_length(cfg.num_mel_bins)
         if f_out < 1:
             raise ValueError(f"num_mel_bins={cfg.num_mel_bins} too small for 4x subsampling")
+        pad = (SUBSAMPLING_PADDING, SUBSAMPLING_PADDING)  # (time, frequency)
         # Non-zero biases (PyTorch's conv default, U(+-1/sqrt(fan_in))): with zero biases a
         # window of constant zeros (a SpecAugment mask) reaches the first LayerNorm as an
         # all-zero vector, whose gradient is ~1/sqrt(eps) and swamps the whole update.
         self.conv1 = Conv(
-            1, c, (3, 3), strides=(2, 2), padding="VALID", path="subsample/conv1", policy=policy,
+            1, c, (3, 3), strides=(2, 2), padding=pad, path="subsample/conv1", policy=policy,
             kernel_axes=("conv_window", "conv_freq", None, "conv_out"), dtype=dt,
             bias_init=_fan_in_uniform(9), rngs=rngs,
         )
         self.conv2 = Conv(
-            c, c, (3, 3), strides=(2, 2), padding="VALID", path="subsample/conv2", policy=policy,
+            c, c, (3, 3), strides=(2, 2), padding=pad, path="subsample/conv2", policy=policy,
             kernel_axes=("conv_window", "conv_freq", "conv_in", "conv_out"), dtype=dt,
             bias_init=_fan_in_uniform(9 * c), rngs=rngs,
         )
@@ -342,12 +360,17 @@ class ConvSubsampling(nnx.Module):
         )
         self.dropout = cfg.dropout
 
-    def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
-        x = jax.nn.relu(self.conv1(x[..., None]))
-        x = jax.nn.relu(self.conv2(x))
-        b, t, f, c = x.shape
-        x = self.proj(x.reshape(b, t, f * c))
-        return _dropout(x, self.dropout, key)
+    def __call__(self, x: jax.Array, lengths: jax.Array, key: jax.Array | None) -> jax.Array:
+        """x [B, T, F], lengths [B] valid frames per row -> [B, T', D]."""
+        h = x[..., None]
+        for conv in (self.conv1, self.conv2):
+            valid = jnp.arange(h.shape[1], dtype=lengths.dtype)[None, :] < lengths[:, None]
+            h = jnp.where(valid[:, :, None, None], h, jnp.zeros((), h.dtype))
+            h = jax.nn.relu(conv(h))
+            lengths = conv_output_length(lengths)
+        b, t, f, c = h.shape
+        h = self.proj(h.reshape(b, t, f * c))
+        return _dropout(h, self.dropout, key)
 
 
 class FeedForward(nnx.Module):
@@ -513,7 +536,8 @@ class ConformerCTC(nnx.Module):
     `model(features, feature_mask, rng=None) -> (logits, out_mask)`:
       features [B, T, F] float, feature_mask [B, T] bool (prefix mask of valid frames)
       logits [B, T', V] float32 (class 0 is the CTC blank), out_mask [B, T'] bool,
-      T' = subsampled_length(T). Padded output frames hold finite, meaningless values.
+      T' = subsampled_length(T) = ceil(T / 4). Padded output frames hold finite,
+      meaningless values.
 
     The `num_layers` blocks are created once with `nnx.vmap` (every variable stacked on a
     leading 'layers' axis) and applied with one `jax.lax.scan` over their split state, so
@@ -551,9 +575,10 @@ class ConformerCTC(nnx.Module):
 
         # Independent streams for the front end and the block stack.
         front_key, blocks_key = _fold(rng, 0), _fold(rng, 1)
-        x = self.subsample(x, front_key)
+        lengths = jnp.sum(feature_mask, axis=-1, dtype=jnp.int32)
+        x = self.subsample(x, lengths, front_key)
         t_out = x.shape[1]
-        lengths = subsampled_length(jnp.sum(feature_mask, axis=-1, dtype=jnp.int32))
+        lengths = subsampled_length(lengths)  # ceil(T / 4): T' of every row
         mask = jnp.arange(t_out, dtype=jnp.int32)[None, :] < lengths[:, None]  # [B, T']
         x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
         x = with_logical_constraint(x, ("batch", "time", "embed"))
