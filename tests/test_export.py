@@ -97,6 +97,12 @@ def test_export_that_does_not_fit_the_model(mixed_export, tmp_path):
     (copy / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ExportError, match="tensor blocks/ffn1/w_in/.*model needs float32"):
         export.load_export(copy)
+    # A subsampler output narrower than the model's, as in an export of a run trained
+    # before the subsampler was padded: the error says what happened.
+    meta["model_config"].update(ffn_dim=mixed_export["model"].cfg.ffn_dim, num_mel_bins=84)
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match=r"tensor subsample/proj/kernel: .*padded its convolutions.*train it again"):
+        export.load_export(copy)
 
 
 # ---------------------------------------------------------------------- end to end

@@ -313,6 +313,34 @@ def test_init_from_loads_float_weights_and_ptq_masks(small_corpus, float_run, tm
     assert (kept_min >= dropped_max).all()
 
 
+def test_a_checkpoint_of_other_shapes_is_refused_by_name(float_run, tmp_path):
+    """A model whose subsampler output is one mel group wider (84 bins: ceil(84/4) = 21
+    groups against the checkpoint's 20), as a run from before the padded subsampler is one
+    narrower: resuming, init_from and export each stop with the tensor, both shapes and the
+    step, and the checkpoints stay where they are (no damage to fall back from)."""
+    import shutil
+
+    from usmqs import checkpoints, export
+
+    cfg, float_dir, _ = float_run
+    workdir = tmp_path / "run"
+    shutil.copytree(float_dir, workdir)
+    wide = cfg.copy_and_resolve_references()
+    wide.model.num_mel_bins = 84
+    setup = run.build(wide, run.load_tokenizer(workdir).vocab_size)
+    proj = rf"subsample/proj/kernel is \[320, 48\] there, \[336, 48\] here.*train it again"
+    ckpts = checkpoints.Checkpoints(workdir, keep=3)
+    with pytest.raises(checkpoints.IncompatibleCheckpoint, match=rf"checkpoints/4 does not fit.*{proj}"):
+        ckpts.restore(lambda step: run.restore_state(ckpts.mngr, step, setup))  # as train.py resumes
+    ckpts.close()
+    assert not (workdir / checkpoints.QUARANTINE_DIR).exists()
+    assert _steps(workdir) == _steps(float_dir)
+    with pytest.raises(checkpoints.IncompatibleCheckpoint, match=proj):
+        run.load_params(setup, str(workdir))  # init_from, the distillation teacher
+    with pytest.raises(checkpoints.IncompatibleCheckpoint, match=proj):
+        export.export_workdir(wide, workdir)
+
+
 def test_distill_loss_is_the_masked_kl_of_the_posteriors():
     rng = np.random.default_rng(0)
     s, t = rng.normal(size=(2, 5, 7)).astype(np.float32), rng.normal(size=(2, 5, 7)).astype(np.float32)

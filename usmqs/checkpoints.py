@@ -14,7 +14,9 @@
   ``checkpoints.bad/`` (a newer, broken step would otherwise shadow the run's new saves);
   when none restores, a `CheckpointError` names the directory and every step's error,
   and nothing is moved.
-  With several processes, all processes must restore a step for it to count.
+  With several processes, all processes must restore a step for it to count. A checkpoint
+  that reads fine but holds arrays of other shapes than the model's is no damage: an
+  `IncompatibleCheckpoint` is raised at once and nothing is moved aside.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ QUARANTINE_DIR = "checkpoints.bad"
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a directory can be restored (each step's error in the message)."""
+
+
+class IncompatibleCheckpoint(ValueError):
+    """A readable checkpoint written by another model (other shapes): older steps of the
+    same run cannot fit better, so it ends the restore instead of counting as damage."""
 
 
 def manager(
@@ -77,12 +84,15 @@ def restore_newest(
     with `quarantine`, once an older step has restored, the failed newer ones are moved
     there (by process 0) so that later saves are not shadowed by them. When no step
     restores nothing is moved (every step failing alike is more likely a model that does
-    not fit the checkpoints than damage). `what` names the checkpoints in messages.
+    not fit the checkpoints than damage). An `IncompatibleCheckpoint` from `restore` is
+    raised as it is. `what` names the checkpoints in messages (e.g. "init_from=DIR").
     """
     errors, failed = [], []
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             value, error = restore(step), None
+        except IncompatibleCheckpoint:
+            raise
         except Exception as e:  # any damage: truncated file, missing array, bad metadata
             value, error = None, e
         if _all_processes(error is None):

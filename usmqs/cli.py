@@ -268,8 +268,8 @@ def _exit_code(e: Exception) -> int | None:
     """The exit code of errors whose message says it all (no traceback); None: others.
 
     75 (EX_TEMPFAIL): preempted, a checkpoint was saved, rerun to resume. 1: a run that
-    cannot go on as configured (non-finite storm, disk full, no restorable checkpoint,
-    failed study runs). 2: a bad config (the key is named).
+    cannot go on as configured (non-finite storm, disk full, no restorable checkpoint, a
+    checkpoint of another model, failed study runs). 2: a bad config (the key is named).
     """
     from usmqs import checkpoints, config, preemption, storage, study, train
 
@@ -277,7 +277,9 @@ def _exit_code(e: Exception) -> int | None:
         return preemption.EXIT_PREEMPTED
     if isinstance(e, config.ConfigError):
         return 2
-    if isinstance(e, train.NonFiniteStorm | storage.WriteError | checkpoints.CheckpointError | study.StudyError):
+    if isinstance(e, train.NonFiniteStorm | storage.WriteError | study.StudyError):
+        return 1
+    if isinstance(e, checkpoints.CheckpointError | checkpoints.IncompatibleCheckpoint):
         return 1
     return None
 

@@ -39,7 +39,7 @@ from usmqs.compress.packing import IndexEncoding
 from usmqs.data import pipeline
 from usmqs.data.features import FeatureConfig
 from usmqs.data.tokenizer import Tokenizer
-from usmqs.models.conformer import ConformerCTC
+from usmqs.models.conformer import EARLIER_FRONT_END, ConformerCTC
 
 log = logging.getLogger("usmqs.export")
 
@@ -216,7 +216,8 @@ def load_export(export_dir: str | os.PathLike, config=None) -> Served:
     for name, rec in meta["tensors"].items():
         shape, dtype = tuple(want[name].shape), str(want[name].dtype)
         if tuple(rec["shape"]) != shape or rec.get("dtype", dtype) != dtype:
-            raise ExportError(f"tensor {name}: {rec.get('dtype')}{rec['shape']} in the export, model needs {dtype}{list(shape)}")
+            hint = f" ({EARLIER_FRONT_END})" if name == "subsample/proj/kernel" else ""
+            raise ExportError(f"tensor {name}: {rec.get('dtype')}{rec['shape']} in the export, model needs {dtype}{list(shape)}{hint}")
         value = export_format.restore_tensor(name, rec, stored.pop(name))
         if not isinstance(value, PackedKernel):
             floats[name] = value
@@ -248,6 +249,7 @@ class _CheckpointReader:
         self.step = self.mngr.latest_step()
         if self.step is None:
             raise FileNotFoundError(f"{workdir}: no checkpoint to export")
+        run.check_params_fit(self.mngr, self.step, setup.abstract_state.params)
         self.shapes = {
             **{f"params/{k}": v for k, v in export_format.named_leaves(setup.abstract_state.params).items()},
             **{f"rest/{k}": v for k, v in export_format.named_leaves(setup.abstract_state.rest).items()},

@@ -36,13 +36,14 @@ from flax import nnx, struct
 from usmqs import checkpoints, distributed
 from usmqs import sharding as sharding_lib
 from usmqs.compress import masks as masks_lib
+from usmqs.compress.export_format import named_leaves
 from usmqs.compress.layers import compressible_layers
 from usmqs.compress.policy import Policy, policy_from_config
 from usmqs.data import pipeline
 from usmqs.data.manifest import read_manifest
 from usmqs.data.text import normalize_text
 from usmqs.data.tokenizer import Tokenizer
-from usmqs.models.conformer import ConformerCTC
+from usmqs.models.conformer import EARLIER_FRONT_END, ConformerCTC
 
 log = logging.getLogger("usmqs.run")
 
@@ -261,8 +262,35 @@ def abstract_with_shardings(setup: Setup):
     )
 
 
+def check_params_fit(mngr: ocp.CheckpointManager, step: int, params) -> None:
+    """Raise `checkpoints.IncompatibleCheckpoint` naming every weight of checkpoint `step`
+    whose shape differs from `params` (this model's abstract params): another preset or
+    vocabulary, or a run from before the subsampler was padded (its subsample/proj is
+    narrower). Orbax's own error would name neither the array nor the step."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        meta = handler.metadata(mngr.directory / str(step) / "state")
+    finally:
+        handler.close()
+    stored = {k.removesuffix("/value"): v.shape for k, v in named_leaves(meta.tree["params"]).items()}
+    wrong = {
+        name: (tuple(stored[name]), tuple(x.shape))
+        for name, x in named_leaves(params).items()
+        if name in stored and tuple(stored[name]) != tuple(x.shape)
+    }
+    if not wrong:
+        return
+    msg = f"checkpoint {mngr.directory}/{step} does not fit this model: " + "; ".join(
+        f"{name} is {list(have)} there, {list(want)} here" for name, (have, want) in wrong.items()
+    )
+    if set(wrong) == {"subsample/proj/kernel"}:
+        msg += f" (only the subsampler's output width differs: {EARLIER_FRONT_END})"
+    raise checkpoints.IncompatibleCheckpoint(msg)
+
+
 def restore_state(mngr: ocp.CheckpointManager, step: int, setup: Setup):
     """(TrainState, data iterator state) of checkpoint `step`, in the run's shardings."""
+    check_params_fit(mngr, step, setup.abstract_state.params)
     restored = mngr.restore(
         step,
         args=ocp.args.Composite(
@@ -316,6 +344,7 @@ def load_params(setup: Setup, src: str):
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), setup.state_shardings.params)
 
     def restore(step):
+        check_params_fit(mngr, step, setup.abstract_state.params)
         args = ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
         )

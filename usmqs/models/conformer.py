@@ -172,6 +172,12 @@ SUBSAMPLING_FACTOR = 4
 # Zero frames (and mel bins) each subsampling convolution pads on either side: a 3-wide
 # stride-2 window then maps n frames to ceil(n / 2), centred on the even input frames.
 SUBSAMPLING_PADDING = (1, 1)
+# Why weights can have a narrower subsample/proj kernel than this model: the subsampler's
+# VALID convolutions before kept ((F - 1) // 2 - 1) // 2 mel groups, not ceil(F / 4).
+EARLIER_FRONT_END = (
+    "a run trained before the subsampler padded its convolutions (to keep ceil(T/4) frames) "
+    "cannot be loaded: train it again"
+)
 
 
 def conv_output_length(length):
