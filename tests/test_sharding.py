@@ -97,7 +97,7 @@ def test_compile_cli_gets_its_fake_devices_and_reports_memory():
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
-    assert report["batch"] == {"global": 8, "per_device": 2, "frames": 200, "labels": 49}
+    assert report["batch"] == {"global": 8, "per_device": 2, "frames": 200, "labels": 50}
     per = report["per_device_bytes"]
     assert report["peak_bytes_per_device"] == (
         per["arguments"] + per["temporaries"] + per["outputs"] - per["aliased"])
