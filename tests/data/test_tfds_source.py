@@ -34,7 +34,7 @@ NUM_TRAIN, NUM_DEV = 36, 12
 BAD = ["audio_error", "empty_transcript", "unknown_chars", "labels_too_long", "malformed_line"]
 
 
-class LibriSpeechNoTF(tfds.core.GeneratorBasedBuilder):
+class LibriSpeechNoTF(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """librispeech's features, configs and folder walk, with TF-free features."""
 
     name = "librispeech"
