@@ -249,7 +249,7 @@ def test_bad_values_say_what_is_missing(dataset, value, message):
 def test_a_tiny_run_trains_and_evaluates_on_tfds_splits(dataset, tmp_path):
     from usmqs import train
 
-    cfg = tiny_config({"train": TRAIN, "test": DEV}, steps=2)
+    cfg = tiny_config({"train": TRAIN, "test": DEV}, steps=4)  # as test_train.float_run: its programs
     cfg.data.tfds_data_dir = dataset["data_dir"]
     workdir = tmp_path / "run"
     metrics = train.train_and_evaluate(cfg, workdir)

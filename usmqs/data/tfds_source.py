@@ -49,7 +49,10 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, te
 
 from usmqs.data.audio import SAMPLE_RATE, AudioError, decode_audio, waveform
 
-__all__ = ["PREFIX", "RecordError", "TfdsError", "TfdsRecord", "TfdsSplit", "is_tfds", "open_split"]
+__all__ = [
+    "PREFIX", "RecordError", "TfdsError", "TfdsRecord", "TfdsSplit",
+    "default_data_dir", "is_tfds", "open_split", "parse_example",
+]
 
 PREFIX = "tfds:"
 SPEECH_KEYS = ("speech", "audio")
