@@ -237,6 +237,7 @@ def test_tfrecord_files_read_alike(dataset, tmp_path):
     ("tfds:librispeech", "expected tfds:NAME"),
     ("tfds:librispeech/default/extra:dev_clean", "is not CONFIG"),
     ("tfds:nosuch/default:dev_clean", "nosuch/default does not exist"),
+    ("tfds:librispeech:dev_clean", r"configs there: \['default'\]"),
     ("tfds:librispeech/default/9.9.9:dev_clean", "holds no dataset_info.json"),
     ("tfds:librispeech/default:test_other", "no split 'test_other'"),
 ])

@@ -329,7 +329,9 @@ def _version_folder(base: Path, version: str | None, value: str) -> Path:
     else:
         found = [p for p in base.glob("*.*.*") if (p / "dataset_info.json").is_file()]
         if not found:
-            raise TfdsError(f"{value}: no prepared version under {base}")
+            configs = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name[0].isdigit() and not p.name.startswith("."))
+            hint = f" (configs there: {configs}: name one, tfds:NAME/CONFIG:SPLIT)" if configs else ""
+            raise TfdsError(f"{value}: no prepared version under {base}{hint}")
         folder = max(found, key=lambda p: tuple(int(x) for x in p.name.split(".") if x.isdigit()))
     if not (folder / "dataset_info.json").is_file():
         raise TfdsError(f"{value}: {folder} holds no dataset_info.json (not prepared there?)")
@@ -378,6 +380,8 @@ def _shard_files(info: dict, folder: Path, split: str, value: str) -> tuple[tupl
         raise TfdsError(f"{value}: no split {split!r}; {folder} has {sorted(splits)}")
     s = splits[split]
     lengths = tuple(int(n) for n in s.get("shardLengths", []))
+    if not lengths:
+        raise TfdsError(f"{value}: {folder / 'dataset_info.json'} states no shardLengths for {split!r}")
     template = s.get("filepathTemplate") or "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
     fmt = info.get("fileFormat") or "tfrecord"
     files = []
