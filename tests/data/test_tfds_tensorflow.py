@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
-import soundfile as sf
 
-from test_tfds_source import NUM_DEV, corpus_rows, write_librispeech_folder
-from usmqs.data import pipeline, tfds_source
-from usmqs.data.text import normalize_text
-from usmqs.data.tokenizer import Tokenizer
+pytest.importorskip("tensorflow")  # first: without TF the module costs nothing more
 
-pytest.importorskip("tensorflow")
-tfds = pytest.importorskip("tensorflow_datasets")
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 from tensorflow_datasets.datasets.librispeech import librispeech_dataset_builder  # noqa: E402
+
+from test_tfds_source import NUM_DEV, corpus_rows, write_librispeech_folder  # noqa: E402
+from usmqs.data import pipeline, tfds_source  # noqa: E402
+from usmqs.data.text import normalize_text  # noqa: E402
+from usmqs.data.tokenizer import Tokenizer  # noqa: E402
 
 
 class LocalLibriSpeech(librispeech_dataset_builder.Builder, skip_registration=True):

@@ -329,7 +329,8 @@ def _version_folder(base: Path, version: str | None, value: str) -> Path:
     else:
         found = [p for p in base.glob("*.*.*") if (p / "dataset_info.json").is_file()]
         if not found:
-            configs = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name[0].isdigit() and not p.name.startswith("."))
+            configs = sorted(p.name for p in base.iterdir()
+                             if p.is_dir() and not p.name[0].isdigit() and not p.name.startswith("."))
             hint = f" (configs there: {configs}: name one, tfds:NAME/CONFIG:SPLIT)" if configs else ""
             raise TfdsError(f"{value}: no prepared version under {base}{hint}")
         folder = max(found, key=lambda p: tuple(int(x) for x in p.name.split(".") if x.isdigit()))
