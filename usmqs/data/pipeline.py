@@ -444,44 +444,42 @@ def _process_in_worker(utt):
     return _process(utt, _WORKER["tokenizer"], _WORKER["fcfg"], _WORKER["limits"])
 
 
-def _manifest_fingerprint(manifest_bytes: bytes, rows: list[Utterance]) -> bytes:
-    """The manifest's bytes and its audio files' sizes and mtimes, hashed."""
-    h = hashlib.sha256(hashlib.sha256(manifest_bytes).digest())
-    # Audio files rewritten in place (e.g. a re-synthesized corpus) must invalidate the
-    # cache too; a stat per file is cheap next to decoding it.
-    for utt in rows:
-        try:
-            st = os.stat(utt.audio_filepath)
-            h.update(f"{utt.audio_filepath}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{utt.audio_filepath}\0missing\n".encode())
-    return h.digest()
-
-
-def _cache_key(manifest: str, fingerprint: bytes, tokenizer, fcfg, limits) -> str:
+def _cache_key(manifest: str, digest: bytes, files: Sequence[str], tokenizer, fcfg, limits) -> str:
+    """sha256 hex of the settings, the source's `digest` (sha256 of the manifest's bytes, or
+    of a TFDS split's JSON files), the tokenizer and the `files` the examples are read from
+    (the audio files of a manifest, the shards of a TFDS split)."""
     h = hashlib.sha256()
     h.update(json.dumps(
         {"version": CACHE_VERSION, "manifest": manifest, "features": fcfg.to_dict(),
          "limits": dataclasses.asdict(limits), "storage": np.dtype(STORAGE_DTYPE).name},
         sort_keys=True,
     ).encode())
-    h.update(fingerprint)
+    h.update(digest)
     h.update(hashlib.sha256(tokenizer.model_bytes).digest())
+    # Files rewritten in place (e.g. a re-synthesized corpus) must invalidate the cache
+    # too; a stat per file is cheap next to decoding it.
+    for path in files:
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
     return h.hexdigest()
 
 
-def _read_items(manifest_path, cfg) -> tuple[str, str, list, bytes]:
-    """``(manifest, file stem, items, fingerprint)`` of a manifest file or a ``tfds:``
-    split: items are manifest rows and malformed lines (`SkippedLine`) in file order, or
-    a split's records (`tfds_source.TfdsRecord`), which are parsed when prepared."""
+def _read_items(manifest_path, cfg) -> tuple[str, str, list, bytes, list[str]]:
+    """``(manifest, file stem, items, digest, files)`` of a manifest file or a ``tfds:``
+    split (`_cache_key` for the last two): items are manifest rows and malformed lines
+    (`SkippedLine`) in file order, or a split's records (`tfds_source.TfdsRecord`),
+    which are parsed when prepared."""
     if tfds_source.is_tfds(manifest_path):
         source = tfds_source.open_split(manifest_path, cfg.get("tfds_data_dir", ""))
-        return source.source, source.stem, source.records(), source.fingerprint()
+        return source.source, source.stem, source.records(), source.digest(), list(source.files)
     manifest = os.path.abspath(os.fspath(manifest_path))
-    manifest_bytes = Path(manifest).read_bytes()
+    digest = hashlib.sha256(Path(manifest).read_bytes()).digest()
     rows, malformed = read_manifest(manifest, on_error="skip")
     items = sorted([*rows, *malformed], key=lambda x: x.line)
-    return manifest, Path(manifest).stem, items, _manifest_fingerprint(manifest_bytes, rows)
+    return manifest, Path(manifest).stem, items, digest, [r.audio_filepath for r in rows]
 
 
 def manifest_transcripts(manifest_path, cfg) -> list[str]:
@@ -741,10 +739,10 @@ def prepare_split(
       FileNotFoundError: the manifest does not exist.
       tfds_source.TfdsError: a ``tfds:`` value that names no prepared split.
     """
-    manifest, stem, items, fingerprint = _read_items(manifest_path, cfg)
+    manifest, stem, items, digest, files = _read_items(manifest_path, cfg)
     fcfg = feature_config(cfg)
     limits = _Limits(int(cfg.max_frames), int(cfg.subsampling_factor), bool(train))
-    key = _cache_key(manifest, fingerprint, tokenizer, fcfg, limits)
+    key = _cache_key(manifest, digest, files, tokenizer, fcfg, limits)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     base = f"{stem}.{'train' if train else 'eval'}.{key[:16]}"

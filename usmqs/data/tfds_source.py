@@ -167,15 +167,11 @@ class TfdsSplit:
     def records(self) -> list[TfdsRecord]:
         return [TfdsRecord(self, i) for i in range(len(self))]
 
-    def fingerprint(self) -> bytes:
-        """What a cache of this split depends on: the dataset's JSON files and the shard
-        files' names, sizes and modification times."""
+    def digest(self) -> bytes:
+        """sha256 of the dataset's JSON files (what the split is and how it is stored)."""
         h = hashlib.sha256()
         for name in ("dataset_info.json", "features.json"):
             h.update(hashlib.sha256(Path(self.folder, name).read_bytes()).digest())
-        for f in self.files:
-            st = os.stat(f)
-            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.digest()
 
     def read(self, index: int) -> dict:
