@@ -40,7 +40,6 @@ from usmqs.compress.export_format import named_leaves
 from usmqs.compress.layers import compressible_layers
 from usmqs.compress.policy import Policy, policy_from_config
 from usmqs.data import pipeline
-from usmqs.data.manifest import read_manifest
 from usmqs.data.text import normalize_text
 from usmqs.data.tokenizer import Tokenizer
 from usmqs.models.conformer import EARLIER_FRONT_END, ConformerCTC
@@ -95,8 +94,8 @@ def load_or_train_tokenizer(config, workdir: pathlib.Path, train_manifest: str) 
         shutil.copyfile(src, path)
     if path.exists():
         return Tokenizer.load(path)
-    rows, _ = read_manifest(train_manifest, on_error="skip")
-    texts = [t for t in (normalize_text(r.text) for r in rows) if t]
+    raw = pipeline.manifest_transcripts(train_manifest, config.data)
+    texts = [t for t in (normalize_text(r) for r in raw) if t]
     return Tokenizer.train(
         texts,
         str(path.with_suffix("")),

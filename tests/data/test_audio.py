@@ -9,7 +9,9 @@ import soundfile as sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from usmqs.data.audio import SAMPLE_RATE, AudioError, audio_duration, load_audio, write_audio
+from usmqs.data.audio import (
+    SAMPLE_RATE, AudioError, audio_duration, decode_audio, load_audio, waveform, write_audio,
+)
 
 
 def _sine(freq, sr, seconds, channels=1, amplitude=0.5):
@@ -187,3 +189,20 @@ def test_audio_error_pickles():
 
     e = pickle.loads(pickle.dumps(AudioError("/x.wav", "broken")))
     assert (e.path, e.reason, str(e)) == ("/x.wav", "broken", "/x.wav: broken")
+
+
+def test_audio_in_memory_decodes_as_its_file(tmp_path):
+    """`decode_audio` (encoded bytes, e.g. a TFDS record's flac) and `waveform` (samples)
+    give what `load_audio` gives for the same file; bad bytes name their source."""
+    rng = np.random.default_rng(0)
+    pcm = (rng.uniform(-0.5, 0.5, (12000, 2)) * 32767).astype(np.int16)
+    path = tmp_path / "a.flac"
+    sf.write(path, pcm, 8000, subtype="PCM_16")
+    want = load_audio(path)
+    np.testing.assert_array_equal(decode_audio(path.read_bytes(), "rec[3]"), want)
+    np.testing.assert_array_equal(waveform(pcm, 8000, "rec[3]"), want)
+    for data, reason in ((b"", "empty audio"), (path.read_bytes()[:-300], "(truncated|unreadable)"), (b"junk" * 50, "unreadable")):
+        with pytest.raises(AudioError, match=rf"^rec\[3\]: {reason}"):
+            decode_audio(data, "rec[3]")
+    with pytest.raises(AudioError, match="no samples"):
+        waveform(np.zeros(0, np.int16), 16000, "rec[3]")

@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-__all__ = ["SAMPLE_RATE", "AudioError", "audio_duration", "load_audio", "write_audio"]
+__all__ = ["SAMPLE_RATE", "AudioError", "audio_duration", "decode_audio", "load_audio", "waveform", "write_audio"]
 
 SAMPLE_RATE = 16000
 """The model's sample rate in Hz; every waveform is resampled to it."""
@@ -114,17 +114,56 @@ def load_audio(path: str | os.PathLike, target_sr: int = SAMPLE_RATE) -> np.ndar
         raise
     except (sf.LibsndfileError, RuntimeError, OSError, struct.error) as e:
         raise AudioError(path, f"unreadable audio ({e})") from e
-    if data.shape[0] == 0:
-        raise AudioError(path, "no samples (0 frames)")
     # FLAC cut exactly at a frame boundary decodes without error but short of the
     # STREAMINFO sample count (0 there means "unknown", hence the > 0).
     if 0 < data.shape[0] < declared:
         raise AudioError(path, f"truncated: decoded {data.shape[0]} of {declared} frames")
+    return waveform(data, file_sr, path, target_sr)
+
+
+def decode_audio(data: bytes, name: str, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """:func:`load_audio` for an encoded file held in memory (wav, flac, ...: what
+    libsndfile reads); `name` names it in errors (e.g. a dataset record)."""
+    if not data:
+        raise AudioError(name, "empty audio (0 bytes)")
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            declared, file_sr = f.frames, f.samplerate
+            decoded = f.read(dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError, struct.error) as e:
+        raise AudioError(name, f"unreadable audio ({e})") from e
+    if 0 < decoded.shape[0] < declared:
+        raise AudioError(name, f"truncated: decoded {decoded.shape[0]} of {declared} frames")
+    return waveform(decoded, file_sr, name, target_sr)
+
+
+def waveform(samples: np.ndarray, sample_rate: int, name: str, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Decoded samples as :func:`load_audio` returns them: mono float32 at `target_sr`.
+
+    Args:
+      samples: ``[N]`` or ``[N, C]``; integer PCM (scaled by its type's full range, so
+        int16 32767 -> ~1.0) or float (passed through unclipped).
+      sample_rate: their rate in Hz.
+      name: what they came from, for errors.
+      target_sr: output sample rate in Hz.
+
+    Raises:
+      AudioError: no samples, or non-finite ones.
+    """
+    data = np.asarray(samples)
+    if data.ndim == 1:
+        data = data[:, None]
+    if data.ndim != 2:
+        raise AudioError(name, f"expected samples [N] or [N, channels], got shape {data.shape}")
+    if np.issubdtype(data.dtype, np.integer):
+        data = data.astype(np.float32) / np.float32(2 ** (8 * data.dtype.itemsize - 1))
+    if data.shape[0] == 0:
+        raise AudioError(name, "no samples (0 frames)")
     if not np.isfinite(data).all():
-        raise AudioError(path, "non-finite samples (NaN or inf)")
+        raise AudioError(name, "non-finite samples (NaN or inf)")
     audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if file_sr != target_sr:
-        audio = soxr.resample(audio, file_sr, target_sr, quality="HQ")
+    if sample_rate != target_sr:
+        audio = soxr.resample(audio, sample_rate, target_sr, quality="HQ")
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 

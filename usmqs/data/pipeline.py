@@ -2,7 +2,8 @@
 
 Two stages:
 
-1. :func:`prepare_split` (once per manifest, cached): read the manifest, decode + resample
+1. :func:`prepare_split` (once per manifest, cached): read the manifest (or the records of
+   a TFDS split, `usmqs.data.tfds_source`), decode + resample
    audio (:func:`usmqs.data.audio.load_audio`), compute log-mel
    (:mod:`usmqs.data.features`), normalize the transcript
    (:func:`usmqs.data.text.normalize_text`), tokenize, validate, and write one record per
@@ -28,7 +29,8 @@ CTC check ``num_labels + num_repeats <= subsampled_length(num_frames)``).
 Bad inputs (reason keys of ``PreparedSplit.skipped``), each logged as ``manifest:line``:
 
 ============================  ================================================================
-``malformed_line``            not a JSON object with string audio_filepath/text, bad duration
+``malformed_line``            not a JSON object with string audio_filepath/text, bad duration;
+                              a TFDS record that is no tf.train.Example or has no text
 ``empty_transcript``          nothing left after :func:`normalize_text`
 ``unknown_chars``             characters the tokenizer cannot represent (they would be <unk>)
 ``audio_error``               missing / empty / corrupt / truncated audio (``AudioError``)
@@ -70,6 +72,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from usmqs.data import features as features_lib
+from usmqs.data import tfds_source
 from usmqs.data.audio import SAMPLE_RATE, AudioError, load_audio
 from usmqs.data.manifest import SkippedLine, Utterance, read_manifest
 from usmqs.data.specaugment import spec_augment
@@ -90,6 +93,7 @@ __all__ = [
     "feature_batch",
     "feature_config",
     "make_train_iterator",
+    "manifest_transcripts",
     "prepare_split",
     "serving_settings",
     "skip_report",
@@ -123,7 +127,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     """The ``config.data`` block: every key the pipeline reads, with its default."""
     return ml_collections.ConfigDict(
         dict(
-            train_manifest="",  # NeMo-style JSON lines; '' = the embedded synthetic corpus
+            # NeMo-style JSON lines, or a TFDS split 'tfds:NAME[/CONFIG][/VERSION]:SPLIT';
+            # '' = the embedded synthetic corpus
+            train_manifest="",
             eval_manifest="",  # the test split: eval.json
             # The split for choosing recipes (eval_dev.json); '' = the embedded corpus'
             # dev split when the embedded corpus is used, else none.
@@ -162,6 +168,8 @@ def default_data_config() -> ml_collections.ConfigDict:
             synth_num_dev=0,
             synth_seed=0,
             cache_dir="",  # prepared features; '' = WORKDIR/data_cache
+            # Where `tfds:` manifests are prepared; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+            tfds_data_dir="",
         )
     )
 
@@ -364,18 +372,31 @@ class _Problem(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _check_text(utt: Utterance, tokenizer: Tokenizer) -> tuple[str, list[int]]:
-    text = normalize_text(utt.text)
+def _check_text(raw: str, tokenizer: Tokenizer) -> tuple[str, list[int]]:
+    text = normalize_text(raw)
     if not text:
-        raise _Problem(SkipReason.EMPTY_TRANSCRIPT, f"empty transcript after normalization ({utt.text!r})")
+        raise _Problem(SkipReason.EMPTY_TRANSCRIPT, f"empty transcript after normalization ({raw!r})")
     return text, tokenizer.encode(text)
 
 
-def _process(utt: Utterance, tokenizer: Tokenizer, fcfg: features_lib.FeatureConfig, limits: _Limits):
-    """One utterance -> ("ok", feats, labels, text, warning|None) or ("bad", reason, detail)."""
+def _transcript_and_audio(item) -> tuple[str, Callable[[], np.ndarray]]:
+    """A manifest row's or a TFDS record's transcript, and a function that decodes its
+    audio (raising AudioError). A record that does not parse is a malformed line."""
+    if isinstance(item, tfds_source.TfdsRecord):
+        try:
+            return item.read()
+        except tfds_source.RecordError as e:
+            raise _Problem(SkipReason.MALFORMED_LINE, str(e)) from None
+    return item.text, lambda: load_audio(item.audio_filepath, SAMPLE_RATE)
+
+
+def _process(utt, tokenizer: Tokenizer, fcfg: features_lib.FeatureConfig, limits: _Limits):
+    """One utterance (manifest row or TFDS record) -> ("ok", feats, labels, text,
+    warning|None) or ("bad", reason, detail)."""
     warning = None
     try:
-        text, labels = _check_text(utt, tokenizer)
+        raw_text, load = _transcript_and_audio(utt)
+        text, labels = _check_text(raw_text, tokenizer)
         unknown = tokenizer.unknown_chars(text)
         if unknown:
             warning = _Problem(
@@ -384,7 +405,7 @@ def _process(utt: Utterance, tokenizer: Tokenizer, fcfg: features_lib.FeatureCon
             if limits.train:
                 raise warning
         try:
-            audio = load_audio(utt.audio_filepath, SAMPLE_RATE)
+            audio = load()
         except AudioError as e:
             raise _Problem(SkipReason.AUDIO_ERROR, str(e)) from None
         feats = stored_log_mel(audio, fcfg)
@@ -417,28 +438,55 @@ def _init_worker(model_bytes: bytes, fcfg: features_lib.FeatureConfig, limits: _
     _WORKER.update(tokenizer=Tokenizer(model_bytes), fcfg=fcfg, limits=limits)
 
 
-def _process_in_worker(utt: Utterance):
+def _process_in_worker(utt):
     return _process(utt, _WORKER["tokenizer"], _WORKER["fcfg"], _WORKER["limits"])
 
 
-def _cache_key(manifest: str, manifest_bytes: bytes, rows, tokenizer, fcfg, limits) -> str:
+def _cache_key(manifest: str, digest: bytes, files: Sequence[str], tokenizer, fcfg, limits) -> str:
+    """sha256 hex of the settings, the source's `digest` (sha256 of the manifest's bytes, or
+    of a TFDS split's JSON files), the tokenizer and the `files` the examples are read from
+    (the audio files of a manifest, the shards of a TFDS split)."""
     h = hashlib.sha256()
     h.update(json.dumps(
         {"version": CACHE_VERSION, "manifest": manifest, "features": fcfg.to_dict(),
          "limits": dataclasses.asdict(limits), "storage": np.dtype(STORAGE_DTYPE).name},
         sort_keys=True,
     ).encode())
-    h.update(hashlib.sha256(manifest_bytes).digest())
+    h.update(digest)
     h.update(hashlib.sha256(tokenizer.model_bytes).digest())
-    # Audio files rewritten in place (e.g. a re-synthesized corpus) must invalidate the
-    # cache too; a stat per file is cheap next to decoding it.
-    for utt in rows:
+    # Files rewritten in place (e.g. a re-synthesized corpus) must invalidate the cache
+    # too; a stat per file is cheap next to decoding it.
+    for path in files:
         try:
-            st = os.stat(utt.audio_filepath)
-            h.update(f"{utt.audio_filepath}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{utt.audio_filepath}\0missing\n".encode())
+            h.update(f"{path}\0missing\n".encode())
     return h.hexdigest()
+
+
+def _read_items(manifest_path, cfg) -> tuple[str, str, list, bytes, list[str]]:
+    """``(manifest, file stem, items, digest, files)`` of a manifest file or a ``tfds:``
+    split (`_cache_key` for the last two): items are manifest rows and malformed lines
+    (`SkippedLine`) in file order, or a split's records (`tfds_source.TfdsRecord`),
+    which are parsed when prepared."""
+    if tfds_source.is_tfds(manifest_path):
+        source = tfds_source.open_split(manifest_path, cfg.get("tfds_data_dir", ""))
+        return source.source, source.stem, source.records(), source.digest(), list(source.files)
+    manifest = os.path.abspath(os.fspath(manifest_path))
+    digest = hashlib.sha256(Path(manifest).read_bytes()).digest()
+    rows, malformed = read_manifest(manifest, on_error="skip")
+    items = sorted([*rows, *malformed], key=lambda x: x.line)
+    return manifest, Path(manifest).stem, items, digest, [r.audio_filepath for r in rows]
+
+
+def manifest_transcripts(manifest_path, cfg) -> list[str]:
+    """The raw transcripts of a manifest or ``tfds:`` split (malformed lines left out):
+    what a tokenizer is trained on."""
+    if tfds_source.is_tfds(manifest_path):
+        return list(tfds_source.open_split(manifest_path, cfg.get("tfds_data_dir", "")).transcripts())
+    rows, _ = read_manifest(manifest_path, on_error="skip")
+    return [r.text for r in rows]
 
 
 def _raise_bad(manifest: str, line: int, reason: str, detail: str):
@@ -601,7 +649,7 @@ def _prepare_shard(job: _Job, items: list, shard: int, count: int) -> dict:
     report = _SkipLog(job.manifest)
     tmp_record = job.cache / f"{record_name}.tmp{os.getpid()}"
     writer = ArrayRecordWriter(str(tmp_record), "group_size:1")
-    utts = [x for x in items if isinstance(x, Utterance)]
+    utts = [x for x in items if not isinstance(x, SkippedLine)]
     try:
         with _processed(utts, job.tokenizer, job.fcfg, job.limits, job.cfg) as results:
             examples = _write_examples(writer, items, results, report, strict=job.strict)
@@ -665,11 +713,15 @@ def prepare_split(
     the same files and the same examples. A shard already prepared with the same ``key``
     is reused, so a preparation killed half way redoes only its unfinished shards; when
     the split's JSON exists nothing is recomputed (``from_cache=True``). ``key`` hashes
-    the manifest (path and bytes), the audio files' sizes and mtimes, the feature config,
+    the manifest (path and bytes), the audio files' sizes and mtimes (for a ``tfds:``
+    split: its JSON files and its shard files' sizes and mtimes), the feature config,
     the tokenizer model bytes, ``max_frames``, ``subsampling_factor`` and ``train``.
 
     Args:
-      manifest_path: NeMo-style JSON-lines manifest.
+      manifest_path: NeMo-style JSON-lines manifest, or a TFDS split
+        ``tfds:NAME[/CONFIG][/VERSION]:SPLIT`` under ``data.tfds_data_dir``
+        (`usmqs.data.tfds_source`): its records are prepared as a manifest's lines are,
+        the 1-based record number standing for the line number.
       tokenizer: the run's tokenizer.
       cfg: the data config (:func:`default_data_config` keys); uses ``num_mel_bins``,
         ``max_frames``, ``subsampling_factor``, ``on_bad_input``, ``num_workers``,
@@ -683,16 +735,15 @@ def prepare_split(
       ValueError: with ``on_bad_input='error'``, the first bad line as
         ``"manifest:line: reason: detail"`` (also on a cache hit whose report has skips).
       FileNotFoundError: the manifest does not exist.
+      tfds_source.TfdsError: a ``tfds:`` value that names no prepared split.
     """
-    manifest = os.path.abspath(os.fspath(manifest_path))
-    manifest_bytes = Path(manifest).read_bytes()
-    rows, malformed = read_manifest(manifest, on_error="skip")
+    manifest, stem, items, digest, files = _read_items(manifest_path, cfg)
     fcfg = feature_config(cfg)
     limits = _Limits(int(cfg.max_frames), int(cfg.subsampling_factor), bool(train))
-    key = _cache_key(manifest, manifest_bytes, rows, tokenizer, fcfg, limits)
+    key = _cache_key(manifest, digest, files, tokenizer, fcfg, limits)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    base = f"{Path(manifest).stem}.{'train' if train else 'eval'}.{key[:16]}"
+    base = f"{stem}.{'train' if train else 'eval'}.{key[:16]}"
     meta_path = cache / f"{base}.json"
     job = _Job(manifest, key, cache, base, tokenizer, fcfg, limits, cfg, cfg.on_bad_input == "error")
 
@@ -701,8 +752,7 @@ def prepare_split(
         log.info("%s: using cached %s", manifest, meta_path)
         return _cached_split(meta, meta_path, strict=job.strict)
 
-    # Malformed lines and parsed rows, merged back into file order, cut into shards.
-    items: list[Utterance | SkippedLine] = sorted([*rows, *malformed], key=lambda x: x.line)
+    # Items (in file order) cut into shards.
     size = int(cfg.prepare_shard_lines)
     ranges = [(a, min(a + size, len(items))) for a in range(0, max(len(items), 1), size)]
     for shard in range(process_index, len(ranges), process_count):
