@@ -1,9 +1,9 @@
 """The compression study: plan, execution and resume (usmqs/study.py); results.json rows,
 report.md, pareto.png and the README block (usmqs/study_report.py).
 
-What needs training is checked on one study of the micro model (`demo_study`), trained
-once per test session and shared, also between xdist workers; the tests that change a
-study work on a copy. Failed runs and full disks are checked on studies whose runs train
+What needs training is checked on one study of the micro model (`demo_study`: two
+fine-tuning seeds, packed exports decoded), trained once per test session and shared, also
+between xdist workers; the tests that change a study work on a copy. Failed runs and full disks are checked on studies whose runs train
 nothing (`fake_runs`). Everything else is checked on loaded configs and hand-made records.
 """
 
@@ -79,7 +79,8 @@ def _locked(path: pathlib.Path):
 
 @pytest.fixture(scope="module")
 def demo_study(small_corpus, tmp_path_factory, jax_cache):
-    """The demo study on two settings, 4 baseline steps and 2-step fine-tunes: 6 runs.
+    """The demo study on two settings, 4 baseline steps and 2-step fine-tunes with two
+    seeds, every run's packed export decoded: 9 runs (float, 2 PTQ, 3 QAT x 2 seeds).
 
     Trained once per session: under xdist the first worker to get here trains it (the
     others wait on a lock) and every worker reads it, with the config it was made with
@@ -103,6 +104,8 @@ def demo_study(small_corpus, tmp_path_factory, jax_cache):
                 "study.finetune_steps=2",
                 "study.finetune.warmup_steps=1",
                 "study.finetune.checkpoint_every=1",
+                "study.finetune_seeds=2",
+                "study.eval_export=True",
             )
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
@@ -134,14 +137,24 @@ def test_results_json_has_a_row_per_setting_and_method(demo_study):
     }
 
 
+def _run_dirs(wd, row) -> list[pathlib.Path]:
+    """The run folders a row stands for: one, or a QAT run's fine-tuning seeds."""
+    if row["method"] == "float":
+        return [wd / "float"]
+    seeds = range(len(row["wer_seeds"])) if row["method"] == "qat" else [0]
+    return [wd / f"{row['method']}{f'_seed{k}' if k else ''}/{row['name']}" for k in seeds]
+
+
 def test_each_row_is_its_runs_eval_and_export(demo_study):
     wd, by = demo_study.wd, _by(demo_study.rows)
     float_wer = by[("float", "float")]["wer"]
     for r in demo_study.rows:
-        run_dir = wd / ("float" if r["method"] == "float" else f"{r['method']}/{r['name']}")
-        assert r["wer"] == _json(run_dir / "eval.json")["wer"]
-        assert r["dev_wer"] == _json(run_dir / "eval_dev.json")["wer"]
-        size = _json(run_dir / "export/size.json")
+        dirs = _run_dirs(wd, r)
+        assert len(dirs) == (2 if r["method"] == "qat" else 1)
+        wers = [_json(d / "eval.json")["wer"] for d in dirs]
+        assert r["wer_seeds"] == wers and r["wer"] == pytest.approx(sum(wers) / len(wers))
+        assert r["dev_wer_seeds"] == [_json(d / "eval_dev.json")["wer"] for d in dirs]
+        size = _json(dirs[0] / "export/size.json")  # sizes: the first seed's
         assert (r["size_bytes"], r["size_ratio"]) == (size["model_bytes"], size["size_ratio"])
         expected = (r["wer"] - float_wer) / float_wer if float_wer > 0 else None
         assert r["rel_wer_regression"] == pytest.approx(expected)
@@ -174,7 +187,7 @@ def test_study_writes_report_plot_and_progress(demo_study):
     report = (demo_study.wd / "report.md").read_text()
     assert "Status: complete" in report and "## The dev split" in report
     assert (demo_study.wd / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "[qat int4+2:4 6/6] step 2/2" in demo_study.out  # training progress carries the label
+    assert "[qat int4+2:4 6/9] step 2/2" in demo_study.out  # training progress carries the label
     assert "| setting | bits/weight |" in demo_study.out  # the final table
 
 
@@ -186,13 +199,30 @@ def test_done_json_has_compile_time_and_the_run_dir_its_config(demo_study):
     assert study.run_identity(config_lib.load_saved(run_dir), demo_study.wd) == done["config"]
 
 
+def test_a_second_fine_tuning_seed_trains_its_own_run(demo_study):
+    wd = demo_study.wd
+    losses = {
+        sub: [json.loads(l)["loss"] for l in (wd / sub / "metrics.jsonl").read_text().splitlines()]
+        for sub in ("qat/int8", "qat_seed1/int8")
+    }
+    assert losses["qat/int8"] != losses["qat_seed1/int8"]  # other batches, other noise
+    assert _json(wd / "qat_seed1/int8/config.json")["seed"] == demo_study.cfg.seed + 1
+
+
+def test_every_packed_export_decodes_to_its_checkpoints_wer(demo_study):
+    for done in demo_study.wd.rglob(study.DONE_FILE):
+        rec = _json(done)
+        assert rec["export_wer"] == rec["eval"]["wer"], done
+    assert "decoded from its packed export, every run gives the same WER" in (demo_study.wd / "report.md").read_text()
+
+
 def test_a_rerun_redoes_nothing(demo_study, capsys):
     wd = demo_study.wd
     before = _mtimes(wd)
-    assert len(before) == 6
+    assert len(before) == 9
     assert study.run_study(demo_study.cfg, wd) == _json(wd / "results.json")
     assert _mtimes(wd) == before
-    assert capsys.readouterr().out.count("done earlier") == 6
+    assert capsys.readouterr().out.count("done earlier") == 9
 
 
 def test_a_finished_run_with_another_config_is_an_error(demo_study):
@@ -225,27 +255,6 @@ def test_an_interrupted_moved_study_resumes_from_its_checkpoint(demo_study, tmp_
 # ------------------------------------------------------------------ further training
 
 
-def test_a_second_fine_tuning_seed_trains_its_own_run(small_corpus, tmp_path, jax_cache):
-    spec = f"{DEMO}:settings=int8"
-    cfg, _ = _study_config(
-        spec, jax_cache,
-        f"data.train_manifest={small_corpus['train']}", f"data.eval_manifest={small_corpus['test']}",
-        "train.num_steps=2", "train.checkpoint_every=2", "study.finetune_steps=2",
-        "study.finetune.warmup_steps=1", "study.float_control=False", "study.finetune_seeds=2",
-    )
-    wd = tmp_path / "study"
-    rows = study.run_study(cfg, wd)
-    losses = {
-        sub: [json.loads(l)["loss"] for l in (wd / sub / "metrics.jsonl").read_text().splitlines()]
-        for sub in ("qat/int8", "qat_seed1/int8")
-    }
-    assert losses["qat/int8"] != losses["qat_seed1/int8"]  # other batches, other noise
-    assert _json(wd / "qat_seed1/int8/config.json")["seed"] == cfg.seed + 1
-    qat = next(r for r in rows if r["method"] == "qat")
-    wers = [_json(wd / sub / "eval.json")["wer"] for sub in ("qat/int8", "qat_seed1/int8")]
-    assert qat["wer_seeds"] == wers and qat["wer"] == pytest.approx(sum(wers) / 2)
-
-
 def _fake_librispeech(root: pathlib.Path) -> None:
     rng = np.random.default_rng(0)
     words = "the cat sat on a mat and ran to see her big red dog".split()
@@ -274,7 +283,12 @@ def test_librispeech_config():
     assert config_lib.load_config(f"{spec},dev=/ls/d.jsonl").data.dev_manifest == "/ls/d.jsonl"
 
 
-def test_librispeech_study_dry_run_checks_the_packed_exports(tmp_path, jax_cache):
+def test_librispeech_study_reads_imported_librispeech(tmp_path):
+    """The LibriSpeech study config on manifests from `import_librispeech`: it validates,
+    plans its runs, and its first run's data (flac audio, 80 mel bins) prepares. (Its runs
+    train like the demo study's above, which checks training, exports and the report.)"""
+    from usmqs import run
+    from usmqs.data import pipeline
     from usmqs.data.librispeech import import_librispeech
 
     _fake_librispeech(tmp_path / "LibriSpeech")
@@ -283,19 +297,16 @@ def test_librispeech_study_dry_run_checks_the_packed_exports(tmp_path, jax_cache
         f"{ROOT / 'configs/study_librispeech.py'}:train={manifests['train-clean-100']},"
         f"eval={manifests['dev-clean']},settings=int8"
     )
-    cfg, _ = _study_config(
-        spec, jax_cache, "train.num_steps=2", "train.checkpoint_every=2",
-        "study.finetune_steps=1", "study.finetune.warmup_steps=1", "study.float_control=False",
-        "data.num_workers=0", "study.eval_export=True",
-    )
-    wd = tmp_path / "study"
-    rows = study.run_study(cfg, wd)
-    assert [(r["name"], r["method"]) for r in rows] == [("float", "float"), ("int8", "ptq"), ("int8", "qat")]
-    # The packed export of every run decodes to the checkpoint's WER, and report.md says so.
-    for sub in ("float", "ptq/int8", "qat/int8"):
-        done = _json(wd / sub / "done.json")
-        assert done["export_wer"] == done["eval"]["wer"]
-    assert "decoded from its packed export, every run gives the same WER" in (wd / "report.md").read_text()
+    cfg = config_lib.load_config(spec)
+    config_lib.apply_overrides(cfg, ["data.vocab_size=24", "data.num_workers=0"])
+    config_lib.validate(cfg)
+    assert [r.tag for r in study.plan(cfg)] == ["float float", "ptq int8", "qat float", "qat int8"]
+    base = study.run_config(cfg, study.BASELINE, tmp_path / "study")
+    tok = run.load_or_train_tokenizer(base, tmp_path / "study/float", base.data.train_manifest)
+    split = pipeline.prepare_split(base.data.train_manifest, tok, base.data, tmp_path / "cache", train=True)
+    assert split.num_examples == 8 and not split.skipped
+    first = next(pipeline.make_train_iterator(split, base.data, seed=0))
+    assert first["features"].shape[-1] == 80
 
 
 # ----------------------------------------------------- failed runs, full disks (no training)

@@ -138,23 +138,6 @@ def test_bad_files_are_reported_counted_and_the_others_transcribed(trained, smal
 
 
 @pytest.mark.slow
-def test_8khz_stereo_is_read_as_its_16khz_mono_resampling(trained, small_corpus, tmp_path, capsys):
-    _, workdir = trained
-    utt = read_manifest(small_corpus["test"])[0]
-    mono16, sr = sf.read(utt.audio_filepath, dtype="float32")
-    assert sr == 16000
-    low = soxr.resample(mono16, 16000, 8000)
-    stereo = tmp_path / "stereo8k.wav"
-    sf.write(stereo, np.stack([low, low], axis=1), 8000, subtype="FLOAT")
-    resampled = tmp_path / "mono16k.wav"  # what load_audio makes of it, as a 16 kHz mono file
-    sf.write(resampled, load_audio(stereo), 16000, subtype="FLOAT")
-    cli.main(["transcribe", "--workdir", str(workdir), str(stereo), str(resampled), str(utt.audio_filepath)])
-    rows = _rows(capsys.readouterr().out)
-    assert rows[0]["text"] == rows[1]["text"] and rows[0]["text"]
-    assert rows[0]["duration"] == pytest.approx(rows[2]["duration"], abs=1e-3)
-
-
-@pytest.mark.slow
 def test_a_long_file_is_decoded_in_windows_and_one_over_the_limit_refused(trained, small_corpus, tmp_path, capsys):
     cfg, workdir = trained
     parts = [sf.read(u.audio_filepath, dtype="float32")[0] for u in read_manifest(small_corpus["test"])]
@@ -230,9 +213,26 @@ def test_window_cuts_cover_every_encoder_frame_once():
                     assert 0 <= lo <= hi <= pipeline.subsampled_length(e - s, factor)
 
 
+def test_8khz_stereo_is_read_as_its_16khz_mono_resampling(small_corpus, tmp_path):
+    utt = read_manifest(small_corpus["test"])[0]
+    mono16, sr = sf.read(utt.audio_filepath, dtype="float32")
+    assert sr == 16000
+    low = soxr.resample(mono16, 16000, 8000)
+    stereo = tmp_path / "stereo8k.wav"
+    sf.write(stereo, np.stack([low, low], axis=1), 8000, subtype="FLOAT")
+    resampled = tmp_path / "mono16k.wav"  # what load_audio makes of it, as a 16 kHz mono file
+    sf.write(resampled, load_audio(stereo), 16000, subtype="FLOAT")
+    out = io.StringIO()
+    inputs = [transcribe.Input(str(p)) for p in (stereo, resampled, utt.audio_filepath)]
+    transcribe.transcribe(_recognizer(tmp_path, 450), inputs, out, log=None)
+    rows = _rows(out.getvalue())
+    assert rows[0]["text"] == rows[1]["text"] and len(rows[0]["text"]) > 10  # the frame model's
+    assert rows[0]["duration"] == pytest.approx(rows[2]["duration"], abs=1e-3)
+
+
 def test_manifest_rows_short_files_and_the_duration_limit(tmp_path):
     _noise(tmp_path / "ok.wav", 1.0)
-    _noise(tmp_path / "blip.wav", 0.05)
+    _noise(tmp_path / "blip.wav", 0.02)  # shorter than one 25 ms feature frame
     _noise(tmp_path / "long.wav", 3.0, sr=8000)
     (tmp_path / "m.jsonl").write_text(
         '{"audio_filepath": "ok.wav", "text": "the fox"}\n'
@@ -251,7 +251,7 @@ def test_manifest_rows_short_files_and_the_duration_limit(tmp_path):
     assert rows[1]["error"].startswith(f"{tmp_path / 'm.jsonl'}:2: malformed manifest line: invalid JSON")
     assert rows[2]["error"] == "3.0 s of audio: longer than the limit of 2 s (--max-duration; the audio is decoded whole in memory)"
     assert rows[2]["duration"] == 3.0
-    assert rows[3]["error"] == "50 ms of audio: the model needs at least 85 ms"
+    assert rows[3]["error"] == "20 ms of audio: the model needs at least 25 ms"
     assert summary.transcribed == 1 and summary.skipped == {"malformed_line": 1, "too_long": 1, "too_short": 1}
     assert summary.metrics["num_utterances"] == 1  # the one row with a reference
     assert summary.line().startswith("transcribe: 1 transcribed, 3 skipped (malformed_line 1, too_long 1, too_short 1); ")
