@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -33,9 +34,10 @@ def _first_batch(cfg, workdir):
 
 @pytest.fixture(scope="module")
 def float_run(small_corpus, tmp_path_factory):
-    """A 4-step float run with its evaluation outputs: the init_from / distillation
-    teacher of the tests below (trained once for the module)."""
+    """A 4-step float run with its evaluation outputs on the test and the dev split: the
+    init_from / distillation teacher of the tests below (trained once for the module)."""
     cfg = tiny_config(small_corpus, steps=4)
+    cfg.data.dev_manifest = str(small_corpus["dev"])
     workdir = tmp_path_factory.mktemp("float") / "run"
     metrics = train.train_and_evaluate(cfg, workdir)
     return cfg, workdir, metrics
@@ -94,10 +96,30 @@ def test_a_run_writes_its_eval_outputs(float_run):
     assert ev["num_utterances"] == 24
     preds = [json.loads(l) for l in (workdir / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 24 and set(preds[0]) == {"audio_filepath", "text", "pred_text"}
-    # Own manifests and no data.dev_manifest: no dev split, and asking for it says so.
-    assert "dev" not in metrics and not (workdir / "eval_dev.json").exists()
+
+
+def test_the_dev_split_is_decoded_beside_the_test_split(small_corpus, float_run):
+    cfg, workdir, metrics = float_run
+    ev, dev = (json.loads((workdir / f).read_text()) for f in ("eval.json", "eval_dev.json"))
+    assert metrics["dev"] == dev and {k: metrics[k] for k in ev} == ev
+    # Each file holds its own split's utterances: test and dev sentences are disjoint.
+    assert _texts(workdir / "predictions.jsonl") == _texts(small_corpus["test"])
+    assert _texts(workdir / "predictions_dev.jsonl") == _texts(small_corpus["dev"])
+    assert not set(_texts(small_corpus["test"])) & set(_texts(small_corpus["dev"]))
+    assert dev["num_words"] == sum(len(t.split()) for t in _texts(small_corpus["dev"]))
+    # Re-decoding the dev split from the checkpoint gives the same numbers.
+    assert evaluate.evaluate_workdir(cfg, workdir, split="dev") == dev
+    with pytest.raises(ValueError, match="split must be one of"):
+        evaluate.evaluate_workdir(cfg, workdir, split="test")
+    # eval.dev=False: the test split only.
+    assert evaluate.decodes_dev(cfg)
+    no_dev = copy.deepcopy(cfg)
+    no_dev.eval.dev = False
+    assert not evaluate.decodes_dev(no_dev)
+    # No data.dev_manifest: no dev split, and asking for it says so.
+    no_dev.eval.dev, no_dev.data.dev_manifest = True, ""
     with pytest.raises(ValueError, match="no dev split: set data.dev_manifest"):
-        evaluate.evaluate_workdir(cfg, workdir, split="dev")
+        evaluate.evaluate_workdir(no_dev, workdir, split="dev")
 
 
 def test_a_preempted_run_resumes_exactly_where_the_straight_run_ends(small_corpus, float_run, tmp_path, monkeypatch):
@@ -136,28 +158,6 @@ def _steps(workdir) -> list[int]:
 
 def _texts(path):
     return [json.loads(l)["text"] for l in pathlib.Path(path).read_text().splitlines()]
-
-
-def test_the_dev_split_is_decoded_beside_the_test_split(small_corpus, tmp_path):
-    cfg = tiny_config(small_corpus, steps=2)
-    cfg.data.dev_manifest = str(small_corpus["dev"])
-    workdir = tmp_path / "run"
-    metrics = train.train_and_evaluate(cfg, workdir)
-    ev, dev = (json.loads((workdir / f).read_text()) for f in ("eval.json", "eval_dev.json"))
-    assert metrics["dev"] == dev and {k: metrics[k] for k in ev} == ev
-    # Each file holds its own split's utterances: test and dev sentences are disjoint.
-    assert _texts(workdir / "predictions.jsonl") == _texts(small_corpus["test"])
-    assert _texts(workdir / "predictions_dev.jsonl") == _texts(small_corpus["dev"])
-    assert not set(_texts(small_corpus["test"])) & set(_texts(small_corpus["dev"]))
-    assert dev["num_words"] == sum(len(t.split()) for t in _texts(small_corpus["dev"]))
-    # Re-decoding the dev split from the checkpoint gives the same numbers.
-    assert evaluate.evaluate_workdir(cfg, workdir, split="dev") == dev
-    with pytest.raises(ValueError, match="split must be one of"):
-        evaluate.evaluate_workdir(cfg, workdir, split="test")
-    # eval.dev=False: the test split only.
-    assert evaluate.decodes_dev(cfg)
-    cfg.eval.dev = False
-    assert not evaluate.decodes_dev(cfg)
 
 
 def test_sigterm_then_kill_minus_9_then_rerun_logs_each_step_once(small_corpus, tmp_path):

@@ -1,5 +1,6 @@
-"""`usmqs transcribe`: transcripts from a run and from its export equal `usmqs evaluate`'s
-predictions, bad files are reported and counted without stopping the others, any sample
+"""A trained run's packed export and `usmqs transcribe`: the export holds the checkpoint's
+fake-quant kernels and decodes alone like its evaluation; transcripts from a run and from
+its export equal `usmqs evaluate`'s predictions, bad files are reported and counted without stopping the others, any sample
 rate and channel count is read, and long files are decoded in windows whose stitched
 posteriors are exactly the whole file's."""
 
@@ -14,9 +15,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+from flax import nnx
 
-from conftest import tiny_config
-from usmqs import cli, export, train, transcribe
+from conftest import assert_bitwise, fake_quant_kernels, tiny_config
+from usmqs import cli, export, run, train, transcribe
+from usmqs.compress import codec
 from usmqs.data import pipeline
 from usmqs.data.audio import load_audio
 from usmqs.data.manifest import read_manifest
@@ -44,6 +47,45 @@ def trained(small_corpus, tmp_path_factory):
     export.export_workdir(cfg, workdir)
     export.evaluate_export(cfg, workdir)
     return cfg, workdir
+
+
+def _served_kernels(served) -> dict[str, np.ndarray]:
+    """Policy path -> compressed kernel as served, every stacked layer decoded."""
+    out = {}
+    for name, rec in served.metadata["tensors"].items():
+        if rec["kind"] == "float":
+            continue
+        if name in served.packed:
+            out[rec["layer"]] = np.asarray(codec.decode_stacked(served.packed[name], len(rec["stack_shape"])))
+        else:  # a grouped conv, decoded at load
+            out[rec["layer"]] = np.asarray(served.floats[name])
+    return out
+
+
+@pytest.mark.slow
+def test_a_trained_run_exports_its_kernels_and_decodes_like_its_checkpoint(trained, tmp_path):
+    cfg, trained_dir = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_dir, workdir)  # this test deletes what serving must not need
+    report = export.export_workdir(cfg, workdir)  # again, over the first export
+    assert json.loads((workdir / "export/size.json").read_text()) == report
+    # The export, read from the checkpoint layer by layer, serves its fake-quant kernels.
+    setup = run.build(cfg, run.load_tokenizer(workdir).vocab_size)
+    state = run.restore_latest(workdir, setup)
+    served = export.load_export(workdir / "export", config=cfg)
+    assert served.metadata["step"] == 2
+    assert_bitwise(fake_quant_kernels(nnx.merge(setup.graphdef, state.params, state.rest)), _served_kernels(served))
+    # Serving reads nothing but the export: no checkpoints, no workdir tokenizer.
+    shutil.rmtree(workdir / "checkpoints")
+    (workdir / "tokenizer.model").unlink()
+    (workdir / "predictions_export.jsonl").unlink()
+    got = export.evaluate_export(cfg, workdir)
+    want = (workdir / "predictions.jsonl").read_text().splitlines()
+    assert (workdir / "predictions_export.jsonl").read_text().splitlines() == want
+    assert len({json.loads(r)["pred_text"] for r in want}) > 1  # not all-blank: a real check
+    fq = json.loads((workdir / "eval.json").read_text())
+    assert got["wer"] == fq["wer"] and got["cer"] == fq["cer"]
+    assert json.loads((workdir / "eval_export.json").read_text())["num_utterances"] == 24
 
 
 @pytest.mark.slow
