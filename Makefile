@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@bash launch/find_python.sh > /dev/null
 	@if [ ! -x $(PY) ]; then "$$(bash launch/find_python.sh)" -m venv $(VENV); fi
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[synth,dev]'
+	$(PY) -m pip install -q -e '.[synth,dev,deploy]'
 	@touch $(STAMP)
 
 demo: install

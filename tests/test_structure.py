@@ -14,7 +14,7 @@ The layering (lowest first; a module imports only from its own package or lower 
     run                                      what every command needs from a workdir
     evaluate                                 decoders, scoring, decoding a workdir's split
     train, export                            the loop; the packed export and serving
-    transcribe                               audio files -> text, from a run or its export
+    transcribe, onnx_export                  audio files -> text; the ONNX model of an export
     study_report                             rows, tables, plot, README block of a study
     study, compile                           the compression study; ahead-of-time compile
     cli                                      argument parsing
@@ -37,7 +37,7 @@ LAYERS = (
     ("run",),
     ("evaluate",),
     ("train", "export"),
-    ("transcribe",),
+    ("transcribe", "onnx_export"),
     ("study_report",),
     ("study", "compile"),
     ("cli",),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pathlib
 import sys
 
 
@@ -72,6 +73,14 @@ def cmd_export(args, overrides):
     cfg = _workdir_config(args, overrides)
     export.limit_heap_retention()  # this process only exports, then exits
     export.export_workdir(cfg, args.workdir, index_encoding=args.index_encoding)
+    if args.format == "onnx":
+        from usmqs import onnx_export
+
+        workdir = pathlib.Path(args.workdir)
+        out = workdir / onnx_export.ONNX_DIRNAME
+        report = onnx_export.write_onnx(workdir / export.EXPORT_DIRNAME, out)
+        print(f"onnx: {out / onnx_export.MODEL_FILE}  {report['file_bytes']:,} bytes = "
+              f"{100 * report['size_ratio']:.2f}% of fp32 ({report['fp32_bytes']:,}); {out / onnx_export.TOKENS_FILE}", flush=True)
 
 
 def cmd_transcribe(args, overrides):
@@ -200,6 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument(
         "--index-encoding", choices=("position", "combinatorial"), default="position",
         help="N:M index layout: per-value positions (hardware 2:4) or per-group ranks",
+    )
+    s.add_argument(
+        "--format", choices=("packed", "onnx"), default="packed",
+        help="onnx: also DIR/onnx/model.onnx + tokens.txt for ONNX Runtime / sherpa-onnx, built from the packed export",
     )
     s.set_defaults(fn=cmd_export)
 

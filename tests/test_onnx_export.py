@@ -1,0 +1,202 @@
+"""The ONNX export (`usmqs.onnx_export`): ONNX Runtime and sherpa-onnx run the model the
+packed export serves.
+
+Untrained micro models (random weights: logits are all that is compared, and their
+argmax is non-blank). Audio is a zero-mean synthetic signal: sherpa-onnx's raw-waveform
+path standardizes the waveform, which for zero-mean audio is a gain that per-utterance
+feature normalization cancels (what a DC offset does is in the module docstring / README).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import jiwer
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+sherpa_onnx = pytest.importorskip("sherpa_onnx")
+
+from conftest import EXPORT_VOCAB, MICRO_MODEL  # noqa: E402
+
+from usmqs import export, onnx_export  # noqa: E402
+from usmqs.compress import export_format  # noqa: E402
+from usmqs.data import pipeline  # noqa: E402
+from usmqs.onnx_export import OnnxExportError  # noqa: E402
+
+POLICIES = ("float", "int8", "int4", "int4+2:4")
+# <blank>, <unk>, the word boundary, then 34 letters and digits: EXPORT_VOCAB symbols.
+SYMBOLS = ["<blank>", "<unk>", "\u2581", *"abcdefghijklmnopqrstuvwxyz01234567"]
+TOKENS = "".join(f"{s} {i}\n" for i, s in enumerate(SYMBOLS))
+
+
+def _audio(seconds: float, seed: int) -> np.ndarray:
+    """Zero-mean 16 kHz test signal: noise bursts and tones (float32)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    x = 0.05 * rng.normal(size=t.size) * (np.sin(2 * np.pi * 3 * t) > 0)
+    x += 0.1 * np.sin(2 * np.pi * (300 + 200 * rng.random()) * t)
+    return (x - x.mean()).astype(np.float32)
+
+
+def _micro_export(root: pathlib.Path, policy_name: str) -> pathlib.Path:
+    from flax import nnx
+
+    from usmqs.compress import masks
+    from usmqs.compress.policy import Policy
+    from usmqs.models import presets
+    from usmqs.models.conformer import ConformerCTC
+
+    cfg = presets.get_preset("tiny")
+    cfg.update(MICRO_MODEL)
+    policy = Policy.named(policy_name)
+    model = ConformerCTC(cfg, EXPORT_VOCAB, policy=policy, rngs=nnx.Rngs(params=1))
+    masks.update_masks(model, 0, force=True)
+    (root / "tokenizer.model").write_bytes(b"tokens come from TOKENS")
+    export_format.write_export(
+        model, root / "export", model_config=cfg, vocab_size=EXPORT_VOCAB, policy=policy,
+        tokenizer_file=root / "tokenizer.model", step=3,
+    )
+    onnx_export.write_onnx(root / "export", root / "onnx", tokens=TOKENS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def onnx_runs(tmp_path_factory, mixed_export) -> dict[str, pathlib.Path]:
+    """The four named policies' micro exports + ONNX, and the MIXED_RULES one."""
+    runs = {name: _micro_export(tmp_path_factory.mktemp(name.replace(":", "_")), name) for name in POLICIES}
+    mixed = tmp_path_factory.mktemp("mixed_onnx")
+    onnx_export.write_onnx(mixed_export["dir"], mixed / "onnx", tokens=TOKENS)
+    runs["mixed"] = mixed
+    runs["mixed_export"] = mixed_export["dir"]
+    return runs
+
+
+def _served_log_probs(export_dir: pathlib.Path, wave: np.ndarray) -> np.ndarray:
+    served = export.load_export(export_dir)
+    data_cfg, fcfg = served.data_config()
+    feats = pipeline.normalize_features(pipeline.stored_log_mel(wave, fcfg), data_cfg.feature_norm)
+    lp, _ = served.log_probs(feats[None], np.ones((1, feats.shape[0]), bool))
+    return np.asarray(lp[0])
+
+
+def _ort(model: pathlib.Path, wave: np.ndarray, *, optimize: bool = True) -> np.ndarray:
+    opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {onnx_export.INPUT: wave[None]})[0][0]
+
+
+def _greedy_ids(log_probs: np.ndarray) -> list[int]:
+    best = log_probs.argmax(-1)
+    return [int(k) for i, k in enumerate(best) if k != 0 and (i == 0 or k != best[i - 1])]
+
+
+def _sherpa_text(onnx_dir: pathlib.Path, wave: np.ndarray) -> str:
+    rec = sherpa_onnx.OfflineRecognizer.from_omnilingual_asr_ctc(
+        model=str(onnx_dir / onnx_export.MODEL_FILE), tokens=str(onnx_dir / onnx_export.TOKENS_FILE)
+    )
+    stream = rec.create_stream()
+    stream.accept_waveform(16000, wave)
+    rec.decode_stream(stream)
+    return stream.result.text.strip()
+
+
+def test_onnx_runtime_computes_the_served_log_probs(onnx_runs):
+    """The graph's own arithmetic (ORT without graph rewrites) is the served model's, for
+    every compression kind of MIXED_RULES; at ORT's defaults DequantizeLinear -> MatMul
+    becomes MatMulNBits with int8 activations: close, not equal."""
+    wave = _audio(1.3, seed=0)
+    ref = _served_log_probs(onnx_runs["mixed_export"], wave)
+    model = onnx_runs["mixed"] / "onnx" / onnx_export.MODEL_FILE
+    exact = _ort(model, wave, optimize=False)
+    assert exact.shape == ref.shape == (32, EXPORT_VOCAB)  # 128 frames -> ceil(128 / 4)
+    # Features computed in float32 here, float64 in the pipeline, can round to neighbouring
+    # float16 values (the storage dtype): a few 1e-3 at most.
+    np.testing.assert_allclose(exact, ref, atol=5e-3, rtol=0)
+    fused = _ort(model, wave)
+    assert np.abs(fused - ref).max() < 0.2
+    assert (fused.argmax(-1) == ref.argmax(-1)).mean() >= 0.85
+
+
+def test_integer_weights_stay_integers_and_sizes_are_reported(onnx_runs):
+    for name, want in (("int8", onnx.TensorProto.INT8), ("int4", onnx.TensorProto.INT4), ("int4+2:4", onnx.TensorProto.INT4)):
+        model = onnx.load(str(onnx_runs[name] / "onnx" / onnx_export.MODEL_FILE))
+        inits = {t.name: t for t in model.graph.initializer}
+        codes = [inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert codes and {t.data_type for t in codes} == {want}, name
+        if name == "int4+2:4":  # pruned entries: exact zero codes (symmetric), 2 of every 4
+            q = onnx.numpy_helper.to_array(codes[-1]).astype(np.int8)
+            assert (q == 0).mean() >= 0.5
+    sizes = {n: json.loads((onnx_runs[n] / "onnx" / onnx_export.SIZE_FILE).read_text()) for n in POLICIES}
+    assert sizes["int4"]["bytes"]["int4_codes"] > 0 and sizes["int8"]["bytes"]["int8_codes"] > 0
+    assert sizes["int4"]["file_bytes"] < sizes["int8"]["file_bytes"] < sizes["float"]["file_bytes"]
+    assert "no N:M sparse kernel" in sizes["int4+2:4"]["n_m_sparsity"]
+    assert sizes["int4+2:4"]["file_bytes"] == pytest.approx(sizes["int4"]["file_bytes"], rel=0.02)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_sherpa_onnx_decodes_the_export(onnx_runs, name):
+    """sherpa-onnx at its defaults decodes model.onnx + tokens.txt as ORT does; for the
+    float model that is the served model's greedy transcript. Compressed models run
+    ORT's fused MatMulNBits (int8 activations) in both, but sherpa-onnx carries its own
+    ORT build and standardizes in its own float32 arithmetic, and an untrained model's
+    argmax margins are tiny: there the texts must agree to a small character error."""
+    onnx_dir = onnx_runs[name] / "onnx"
+    loaded = onnx_export.load_onnx(onnx_dir)
+    texts = []
+    for seed in range(2):
+        wave = _audio(1.0 + 0.4 * seed, seed)
+        got = _sherpa_text(onnx_dir, wave)
+        standardized = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-5)
+        want = loaded.text(_greedy_ids(_ort(onnx_dir / onnx_export.MODEL_FILE, standardized)))
+        if name == "float":
+            assert got == want
+        else:
+            assert jiwer.cer(want, got) <= 0.25, (want, got)
+        if name == "float":
+            assert got == loaded.text(_greedy_ids(_served_log_probs(onnx_runs[name] / "export", wave)))
+        texts.append(got)
+    assert all(texts), texts  # random weights: non-blank argmax, non-empty text
+
+
+def test_tampered_or_mismatched_files_are_clear_errors(onnx_runs, tmp_path):
+    src = onnx_runs["int4"] / "onnx"
+
+    def copy() -> pathlib.Path:
+        d = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(src, d)
+        return d
+
+    onnx_export.load_onnx(src)
+    d = copy()
+    (d / onnx_export.TOKENS_FILE).write_text(TOKENS.replace("a 3", "x 3"))
+    with pytest.raises(OnnxExportError, match="tokens.txt: not the tokens file"):
+        onnx_export.load_onnx(d)
+    d = copy()
+    (d / onnx_export.TOKENS_FILE).write_text("".join(TOKENS.splitlines(keepends=True)[:-1]))
+    with pytest.raises(OnnxExportError, match="36 tokens, the model has 37"):
+        onnx_export.load_onnx(d)
+    d = copy()
+    (d / onnx_export.TOKENS_FILE).write_text(TOKENS.replace("<blank> 0", "<pad> 0"))
+    with pytest.raises(OnnxExportError, match="id 0 is '<pad>'"):
+        onnx_export.load_onnx(d)
+    d = copy()
+    data = bytearray((d / onnx_export.MODEL_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / onnx_export.MODEL_FILE).write_bytes(bytes(data))
+    with pytest.raises(OnnxExportError, match="model.onnx"):
+        onnx_export.load_onnx(d)
+    d = copy()
+    (d / onnx_export.MODEL_FILE).write_bytes((d / onnx_export.MODEL_FILE).read_bytes()[:1000])
+    with pytest.raises(OnnxExportError, match="model.onnx"):
+        onnx_export.load_onnx(d)
+    d = copy()
+    shutil.copy(onnx_runs["int8"] / "onnx" / onnx_export.MODEL_FILE, d / onnx_export.MODEL_FILE)
+    with pytest.raises(OnnxExportError, match="sha256 differs"):
+        onnx_export.load_onnx(d)
