@@ -147,8 +147,7 @@ def pcm16(audio: np.ndarray) -> np.ndarray:
 
 
 def flac_bytes(pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """Mono int16 ``pcm [N]`` as an in-memory FLAC file (lossless; ~0.6x the PCM bytes on
-    speech)."""
+    """Mono int16 ``pcm [N]`` as an in-memory FLAC file (lossless)."""
     buf = io.BytesIO()
     sf.write(buf, np.asarray(pcm, np.int16), sample_rate, format="FLAC", subtype="PCM_16")
     return buf.getvalue()
