@@ -211,8 +211,10 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.on_bad_input must be 'skip' or 'error', got {cfg.on_bad_input!r}")
     if cfg.tokenizer_type not in MODEL_TYPES:
         raise ValueError(f"data.tokenizer_type must be one of {MODEL_TYPES}, got {cfg.tokenizer_type!r}")
-    if not isinstance(cfg.features_on_device, bool):
-        raise ValueError(f"data.features_on_device must be True or False, got {cfg.features_on_device!r}")
+    # .get: a run's config.json from before the key existed lacks it (= False).
+    on_device = cfg.get("features_on_device", False)
+    if not isinstance(on_device, bool):
+        raise ValueError(f"data.features_on_device must be True or False, got {on_device!r}")
     if cfg.feature_norm not in ("utterance", "none"):
         raise ValueError(f"data.feature_norm must be 'utterance' or 'none', got {cfg.feature_norm!r}")
     factor = int(cfg.subsampling_factor)
@@ -823,7 +825,7 @@ def prepare_split(
       tfds_source.TfdsError: a ``tfds:`` value that names no prepared split.
     """
     manifest, stem, items, digest, files = _read_items(manifest_path, cfg)
-    audio = bool(cfg.features_on_device if store_audio is None else store_audio)
+    audio = bool(cfg.get("features_on_device", False) if store_audio is None else store_audio)
     limits = _Limits(int(cfg.max_frames), int(cfg.subsampling_factor), bool(train), audio)
     key = _cache_key(manifest, digest, files, tokenizer, feature_config(cfg), limits)
     cache = Path(cache_dir)
