@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -149,6 +150,7 @@ def main(argv=None) -> dict:
             row["train_step_seconds"] = round(_step_seconds(c, split, tok, args.steps), 4)
         report[name] = row
     report["cache_ratio_audio_to_features"] = round(report["device"]["cache_bytes"] / report["host"]["cache_bytes"], 3)
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(report, indent=2))
     return report
 
