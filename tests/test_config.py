@@ -79,6 +79,23 @@ def test_saved_config_reloads_equal(tmp_path):
         config_lib.load_saved(tmp_path / "nowhere")
 
 
+def test_a_saved_config_from_before_features_on_device_reads_as_host_features(tmp_path):
+    import json
+
+    from usmqs import run
+
+    cfg = config_lib.load(str(ROOT / "configs/tiny.py"))
+    old = cfg.to_dict()
+    del old["data"]["features_on_device"]
+    (tmp_path / config_lib.SAVED_CONFIG_FILE).write_text(json.dumps(old))
+    back = config_lib.load_saved(tmp_path)
+    assert [k for k, _ in run.batch_layout(back)] == ["features", "feature_mask", "labels", "label_mask"]
+    with pytest.raises(ConfigError, match="features_on_device"):
+        old["data"]["features_on_device"] = "yes"
+        (tmp_path / config_lib.SAVED_CONFIG_FILE).write_text(json.dumps(old))
+        config_lib.load_saved(tmp_path)
+
+
 def test_a_config_save_on_a_full_disk_keeps_the_saved_one(tmp_path, monkeypatch):
     cfg = config_lib.load(str(ROOT / "configs/tiny.py"))
     config_lib.save(cfg, tmp_path)

@@ -98,7 +98,9 @@ def abstract_batch(config, batch_shardings: dict, frames: int | None = None) -> 
     """ShapeDtypeStructs of a global training batch of the largest bucket (or `frames`).
 
     Shapes as `usmqs.data.pipeline` pads them: features [B, T, F] float32, feature_mask
-    [B, T] bool, labels [B, L] int32, label_mask [B, L] bool, L = subsampled_length(T).
+    [B, T] bool (with ``data.features_on_device``: audio [B, S] int16, num_samples [B]
+    int32, S = `pipeline.batch_samples`(T)), labels [B, L] int32, label_mask [B, L] bool,
+    L = subsampled_length(T).
     """
     shapes = pipeline.batch_shapes(config.data)
     if frames is None:
@@ -109,6 +111,11 @@ def abstract_batch(config, batch_shardings: dict, frames: int | None = None) -> 
     spec = {
         "features": ((b, t, f), jnp.float32),
         "feature_mask": ((b, t), jnp.bool_),
+    } if not config.data.get("features_on_device", False) else {
+        "audio": ((b, pipeline.batch_samples(t, config.data)), jnp.int16),
+        "num_samples": ((b,), jnp.int32),
+    }
+    spec |= {
         "labels": ((b, l), jnp.int32),
         "label_mask": ((b, l), jnp.bool_),
     }
@@ -152,7 +159,7 @@ def compile_train_step(config, *, vocab_size: int | None = None, frames: int | N
     shards = math.prod(
         mesh.shape[a] for a in dict(config.mesh.rules).get("batch", ()) if a in mesh.shape
     )
-    b = batch["features"].shape[0]
+    b = batch["labels"].shape[0]
     if b % shards:
         raise ValueError(
             f"data.batch_size={b} does not divide over the {shards} batch shards of mesh "
@@ -180,7 +187,7 @@ def compile_train_step(config, *, vocab_size: int | None = None, frames: int | N
         "batch": {
             "global": int(b),
             "per_device": b // shards,
-            "frames": int(batch["features"].shape[1]),
+            "frames": int(frames or pipeline.batch_shapes(config.data)[-1][0]),
             "labels": int(batch["labels"].shape[1]),
         },
         "state_bytes_total": int(state_bytes),

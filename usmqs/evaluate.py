@@ -186,10 +186,13 @@ def write_results(workdir, metrics: dict, rows: list[dict], *, suffix: str = "")
 
 
 def run_decoding(log_prob_fn, split, data_cfg, tokenizer, eval_cfg) -> tuple[dict, list[dict]]:
-    """Decode every example of a prepared split with `log_prob_fn(features, mask)`."""
+    """Decode every example of a prepared split with `log_prob_fn(features, mask)`, or
+    `log_prob_fn(audio, num_samples)` for a split that stores audio (`make_eval_step`
+    with ``audio=True``)."""
     preds: dict[int, str] = {}
+    keys = [k for k, _ in run.batch_layout(None, labels=False, audio=split.stores_audio)]
     for batch in pipeline.eval_batches(split, data_cfg):
-        log_probs, out_mask = log_prob_fn(batch["features"], batch["feature_mask"])
+        log_probs, out_mask = log_prob_fn(*(batch[k] for k in keys))
         log_probs, out_mask = np.asarray(log_probs), np.asarray(out_mask)
         hyps = decode_batch(log_probs, out_mask, decoder=eval_cfg.decoder, beam_size=eval_cfg.beam_size)
         for idx, toks in zip(batch["example_index"].tolist(), hyps):
@@ -206,14 +209,18 @@ def run_decoding(log_prob_fn, split, data_cfg, tokenizer, eval_cfg) -> tuple[dic
     return metrics, rows
 
 
-def make_eval_step(setup: run.Setup, config) -> run.InMesh:
+def make_eval_step(setup: run.Setup, config, *, audio: bool | None = None) -> run.InMesh:
     """`eval_step(params, rest, features, feature_mask)` -> (log-probs [B, T', V], out_mask
-    [B, T']), jitted, replicated outputs (every process decodes on the host)."""
+    [B, T']), jitted, replicated outputs (every process decodes on the host). With `audio`
+    (None = ``data.features_on_device``) it is `eval_step(params, rest, audio,
+    num_samples)` and computes the features itself (`run.model_inputs`, no SpecAugment)."""
     graphdef = setup.graphdef
     replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+    keys = [k for k, _ in run.batch_layout(config, labels=False, audio=audio)]
 
     @functools.partial(jax.jit, out_shardings=replicated)
-    def eval_step(params, rest, features, feature_mask):
+    def eval_step(params, rest, inputs, lengths):
+        features, feature_mask = run.model_inputs(config, dict(zip(keys, (inputs, lengths))))
         model = nnx.merge(graphdef, params, rest)
         logits, out_mask = model(features, feature_mask, rng=None)
         return jax.nn.log_softmax(logits.astype(np.float32), axis=-1), out_mask

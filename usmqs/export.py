@@ -321,7 +321,9 @@ def evaluate_export(config, workdir, manifest: str | None = None, split: str = "
     served = load_export(workdir / EXPORT_DIRNAME, config=config)
     tokenizer = served.load_tokenizer()
     manifest, suffix = evaluate_lib.split_manifest(config, split, manifest)
-    prepared = run.prepare_split(config, workdir, manifest, tokenizer, train=False)
+    # The served model reads host features (as `usmqs transcribe` gives it), also when
+    # the run trained with data.features_on_device.
+    prepared = run.prepare_split(config, workdir, manifest, tokenizer, train=False, store_audio=False)
     metrics, rows = evaluate_lib.run_decoding(served.log_probs, prepared, config.data, tokenizer, config.eval)
     metrics["step"] = served.metadata.get("step")
     metrics["export"] = True

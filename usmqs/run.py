@@ -4,6 +4,8 @@
 
 * data: `resolve_manifests` (configured manifests, else the embedded corpus, synthesized
   and cached), `load_or_train_tokenizer`, `cache_dir` (prepared features);
+  `batch_layout` / `batch_shardings` (the arrays a step takes) and `model_inputs` (a
+  batch -> the model's features, computed in the step with ``data.features_on_device``);
 * model: `build(config, vocab_size)` -> `Setup` (policy, optimizer, mesh, abstract state
   and its shardings, a jitted sharded `init_fn`), shapes first, nothing allocated;
 * checkpoints: `checkpoint_manager`, `restore_state` / `save_state` (the whole
@@ -39,7 +41,7 @@ from usmqs.compress import masks as masks_lib
 from usmqs.compress.export_format import named_leaves
 from usmqs.compress.layers import compressible_layers
 from usmqs.compress.policy import Policy, policy_from_config
-from usmqs.data import pipeline
+from usmqs.data import features_jax, pipeline
 from usmqs.data.text import normalize_text
 from usmqs.data.tokenizer import Tokenizer
 from usmqs.models.conformer import EARLIER_FRONT_END, ConformerCTC
@@ -112,13 +114,54 @@ def load_tokenizer(workdir: pathlib.Path) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def prepare_split(config, workdir: pathlib.Path, manifest: str, tokenizer: Tokenizer, *, train: bool):
+def prepare_split(
+    config, workdir: pathlib.Path, manifest: str, tokenizer: Tokenizer, *, train: bool,
+    store_audio: bool | None = None,
+):
     """`pipeline.prepare_split` by every process at once: each prepares its share of the
-    shards, then all assemble the split once everyone is done."""
+    shards, then all assemble the split once everyone is done. `store_audio`: None =
+    ``data.features_on_device``; False for a reader that needs host features (serving)."""
     return pipeline.prepare_split(
         manifest, tokenizer, config.data, cache_dir(config, workdir), train=train,
         process_index=jax.process_index(), process_count=jax.process_count(),
         barrier=lambda: distributed.barrier(f"prepared {pathlib.Path(manifest).name}"),
+        store_audio=store_audio,
+    )
+
+
+# A step's input arrays and their ranks: host features, or audio featurized in the step.
+FEATURE_INPUTS = (("features", 3), ("feature_mask", 2))
+AUDIO_INPUTS = (("audio", 2), ("num_samples", 1))
+LABEL_INPUTS = (("labels", 2), ("label_mask", 2))
+# fold_in(state.rng, AUGMENT_STREAM) roots the step's SpecAugment keys: a value no step
+# count reaches, so they never meet the model's fold_in(state.rng, step) dropout keys.
+AUGMENT_STREAM = 2**31 - 1
+
+
+def batch_layout(config, *, labels: bool = True, audio: bool | None = None) -> tuple[tuple[str, int], ...]:
+    """``(key, ndim)`` of the arrays a step reads from a batch (`usmqs.data.pipeline`
+    layout): audio + num_samples with ``data.features_on_device`` (or `audio`; `config`
+    is read only when `audio` is None), else features + feature_mask; then labels +
+    label_mask when `labels`."""
+    audio = config.data.get("features_on_device", False) if audio is None else audio
+    return (AUDIO_INPUTS if audio else FEATURE_INPUTS) + (LABEL_INPUTS if labels else ())
+
+
+def batch_shardings(config, mesh: jax.sharding.Mesh, **layout) -> dict:
+    """``{key: NamedSharding}`` of `batch_layout`: rows over the `batch` logical axis."""
+    return {k: sharding_lib.batch_sharding(mesh, nd, config.mesh.rules) for k, nd in batch_layout(config, **layout)}
+
+
+def model_inputs(config, batch: dict, augment_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(features [B, T, F], feature_mask [B, T]) of a batch inside a jitted step: as the
+    host made them, or from its audio (`features_jax.front_end`: log-mel, normalization
+    and, given `augment_rng` and ``data.spec_augment.enabled``, SpecAugment)."""
+    if "audio" not in batch:
+        return batch["features"], batch["feature_mask"]
+    d = config.data
+    return features_jax.front_end(
+        batch["audio"], batch["num_samples"], pipeline.feature_config(d), norm=d.feature_norm,
+        augment=pipeline.spec_augment_settings(d), rng=augment_rng,
     )
 
 

@@ -28,7 +28,6 @@ from usmqs import distributed
 from usmqs import evaluate as evaluate_lib
 from usmqs import preemption
 from usmqs import run
-from usmqs import sharding as sharding_lib
 from usmqs import storage
 from usmqs.compress import masks as masks_lib
 from usmqs.data import pipeline
@@ -75,7 +74,9 @@ def distills(config) -> bool:
 
 def make_train_step(setup: run.Setup, config):
     """The jitted, donated step: `step(state, batch)`, or with distillation (`distills`)
-    `step(state, batch, teacher_params)` (the init_from weights, sharded like `params`)."""
+    `step(state, batch, teacher_params)` (the init_from weights, sharded like `params`).
+    Returns it and the batch's shardings (`run.batch_shardings`): with
+    ``data.features_on_device`` the batch is audio and the step computes the features."""
     graphdef, tx = setup.graphdef, setup.tx
     distill = distills(config)
     alpha = float(config.train.distill_weight)
@@ -93,6 +94,10 @@ def make_train_step(setup: run.Setup, config):
 
     def train_step(state: run.TrainState, batch, teacher_params=None):
         rng = jax.random.fold_in(state.rng, state.step)
+        if "audio" in batch:  # data.features_on_device: the host's front end, here
+            augment_rng = jax.random.fold_in(jax.random.fold_in(state.rng, run.AUGMENT_STREAM), state.step)
+            features, feature_mask = run.model_inputs(config, batch, augment_rng)
+            batch = {**batch, "features": features, "feature_mask": feature_mask}
         teacher_logits = None
         if teacher_params is not None:
             teacher = nnx.merge(t_graphdef, teacher_params, nnx.State({}))
@@ -120,10 +125,7 @@ def make_train_step(setup: run.Setup, config):
         metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": 1 - finite.astype(jnp.int32), **parts}
         return new_state, metrics
 
-    batch_sh = {
-        k: sharding_lib.batch_sharding(setup.mesh, nd, config.mesh.rules)
-        for k, nd in (("features", 3), ("feature_mask", 2), ("labels", 2), ("label_mask", 2))
-    }
+    batch_sh = run.batch_shardings(config, setup.mesh)
     in_shardings = (setup.state_shardings, batch_sh)
     if distill:
         in_shardings += (setup.state_shardings.params,)

@@ -95,7 +95,7 @@ def from_workdir(workdir, overrides: Sequence[str] = ()) -> Recognizer:
     tokenizer = run.load_tokenizer(workdir)
     setup = run.build(config, tokenizer.vocab_size)
     state = run.restore_latest(workdir, setup)
-    eval_step = evaluate.make_eval_step(setup, config)
+    eval_step = evaluate.make_eval_step(setup, config, audio=False)  # host features
     return Recognizer(
         lambda f, m: eval_step(state.params, state.rest, f, m), tokenizer, config.data,
         pipeline.feature_config(config.data), f"{workdir} (step {int(state.step)})",

@@ -315,6 +315,37 @@ def test_eval_batches_are_the_stored_features(corpus):
         assert batch["label_mask"][row].sum() == n and not batch["labels"][row, n:].any()
 
 
+def test_an_audio_split_keeps_the_same_examples_and_batches_the_same_rows(corpus):
+    """data.features_on_device: FLAC audio records, the same skips, frame counts and
+    batches as the feature split; its own cache entry."""
+    feats, cfg = corpus["split"], _cfg(features_on_device=True)
+    split = pipeline.prepare_split(corpus["manifest"], corpus["tok"], cfg, corpus["root"] / "cache", train=True)
+    assert split.stores_audio and not feats.stores_audio and split.key != feats.key
+    assert (split.skipped, split.warnings) == (feats.skipped, feats.warnings)
+    assert [{k: v for k, v in m.items() if k != "num_samples"} for m in split.metadata] == feats.metadata
+    import grain
+
+    source = grain.sources.ArrayRecordDataSource(list(split.paths))
+    for i in (0, STEREO_8K):  # lossless 16-bit PCM of the decoded (resampled) audio
+        ex, m = pipeline.decode_example(source[i]), split.metadata[i]
+        assert ex["audio"].dtype == np.int16 and ex["audio"].size == m["num_samples"]
+        np.testing.assert_array_equal(ex["audio"], np.round(load_audio(m["audio_filepath"]) * 32768).astype(np.int16))
+    for cfg_ in (cfg, _cfg()):
+        cfg_.spec_augment.enabled = False
+    a, b = pipeline.make_train_iterator(split, cfg, seed=3), pipeline.make_train_iterator(feats, _cfg(), seed=3)
+    for audio_batch, feature_batch in zip(_take(a, 3), _take(b, 3)):
+        assert set(audio_batch) == {"audio", "num_samples", "labels", "label_mask", "example_index"}
+        for k in ("labels", "label_mask", "example_index"):
+            np.testing.assert_array_equal(audio_batch[k], feature_batch[k])
+        frames = feature_batch["features"].shape[1]
+        assert audio_batch["audio"].shape[1] == pipeline.batch_samples(frames, cfg)
+        fcfg = pipeline.feature_config(cfg)
+        got = [fcfg.num_frames(int(n)) for n in audio_batch["num_samples"]]
+        assert got == feature_batch["feature_mask"].sum(axis=1).tolist()
+    eval_batch = next(iter(pipeline.eval_batches(split, cfg)))
+    assert eval_batch["audio"].dtype == np.int16 and eval_batch["num_samples"].dtype == np.int32
+
+
 # ----------------------------------------------------------------------- train batches
 
 

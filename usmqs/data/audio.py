@@ -18,7 +18,10 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-__all__ = ["SAMPLE_RATE", "AudioError", "audio_duration", "decode_audio", "load_audio", "waveform", "write_audio"]
+__all__ = [
+    "SAMPLE_RATE", "AudioError", "audio_duration", "decode_audio", "flac_bytes", "load_audio", "pcm16",
+    "pcm16_from_flac", "waveform", "write_audio",
+]
 
 SAMPLE_RATE = 16000
 """The model's sample rate in Hz; every waveform is resampled to it."""
@@ -135,6 +138,25 @@ def decode_audio(data: bytes, name: str, target_sr: int = SAMPLE_RATE) -> np.nda
     if 0 < decoded.shape[0] < declared:
         raise AudioError(name, f"truncated: decoded {decoded.shape[0]} of {declared} frames")
     return waveform(decoded, file_sr, name, target_sr)
+
+
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] -> 16-bit PCM ``round(32768 x)``, clipped to int16 (lossless
+    for audio decoded from a 16-bit file: `load_audio` gives exactly ``pcm / 32768``)."""
+    return np.clip(np.round(np.asarray(audio, np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def flac_bytes(pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """Mono int16 ``pcm [N]`` as an in-memory FLAC file (lossless)."""
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(pcm, np.int16), sample_rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def pcm16_from_flac(data: bytes) -> np.ndarray:
+    """Inverse of :func:`flac_bytes`: the int16 samples ``[N]``."""
+    samples, _ = sf.read(io.BytesIO(data), dtype="int16")
+    return samples
 
 
 def waveform(samples: np.ndarray, sample_rate: int, name: str, target_sr: int = SAMPLE_RATE) -> np.ndarray:

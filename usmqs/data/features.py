@@ -118,6 +118,12 @@ def num_frames(num_samples: int, config: FeatureConfig) -> int:
     return 0 if num_samples < win else 1 + (num_samples - win) // hop
 
 
+def samples_for_frames(frames: int, config: FeatureConfig) -> int:
+    """The fewest samples that give `frames` frames: ``(frames - 1) * hop + win`` (0 for 0).
+    Audio padded to this length gives exactly `frames` frames."""
+    return 0 if frames <= 0 else (int(frames) - 1) * config.hop_length + config.win_length
+
+
 def _hz_to_mel(f: np.ndarray, scale: MelScale) -> np.ndarray:
     f = np.asarray(f, dtype=np.float64)
     if scale is MelScale.HTK:

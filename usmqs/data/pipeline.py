@@ -11,6 +11,9 @@ Two stages:
 2. :func:`make_train_iterator` / :func:`eval_batches`: read the records with grain, apply
    SpecAugment (train only), bucket by length and pad to fixed shapes.
 
+(Or, with ``data.features_on_device``, stage 1 stores the audio and stage 2 pads it; the
+step computes the rest, see below.)
+
 Batches are dicts of numpy arrays, ``B`` = this process's rows
 (``batch_size // process_count``)::
 
@@ -19,6 +22,17 @@ Batches are dicts of numpy arrays, ``B`` = this process's rows
     labels        [B, L_b]    int32     token ids, 0 (= CTC blank id) beyond each row's labels
     label_mask    [B, L_b]    bool      True on real labels
     example_index [B]         int32     index into ``split.metadata``; -1 for padding rows
+
+With ``data.features_on_device`` (a split prepared with ``store_audio``: records of 16-bit
+audio, FLAC-compressed, instead of log-mel) ``features`` and ``feature_mask`` are replaced by
+
+    audio         [B, S_b]    int16     16 kHz PCM, zero beyond each row's samples
+    num_samples   [B]         int32     valid samples per row (0 for padding rows)
+
+with ``S_b = (T_b - 1) * hop + win`` (`batch_samples`): the samples that give ``T_b``
+frames, so the step's log-mel (`usmqs.data.features_jax`) has the features' shape; the
+examples, buckets and labels of every batch are the same as with features, and neither
+normalization nor SpecAugment is applied on the host.
 
 ``T_b`` is a bucket boundary (``cfg.bucket_boundaries``) and
 ``L_b = subsampled_length(T_b, cfg.subsampling_factor)``: the most labels CTC can emit from
@@ -73,7 +87,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from usmqs.data import features as features_lib
 from usmqs.data import tfds_source
-from usmqs.data.audio import SAMPLE_RATE, AudioError, load_audio
+from usmqs.data.audio import SAMPLE_RATE, AudioError, flac_bytes, load_audio, pcm16, pcm16_from_flac
 from usmqs.data.manifest import SkippedLine, Utterance, read_manifest
 from usmqs.data.specaugment import spec_augment
 from usmqs.data.text import normalize_text
@@ -82,11 +96,13 @@ from usmqs.data.tokenizer import MODEL_TYPES, Tokenizer
 __all__ = [
     "PreparedSplit",
     "SkipReason",
+    "batch_samples",
     "batch_shapes",
     "ctc_min_frames",
     "data_config_from_serving",
     "decode_example",
     "default_data_config",
+    "encode_audio_example",
     "encode_example",
     "eval_batches",
     "eval_plan",
@@ -97,6 +113,7 @@ __all__ = [
     "prepare_split",
     "serving_settings",
     "skip_report",
+    "spec_augment_settings",
     "stored_log_mel",
     "subsampled_length",
     "validate_data_config",
@@ -160,6 +177,11 @@ def default_data_config() -> ml_collections.ConfigDict:
             prepare_shard_lines=2000,
             subsampling_factor=4,  # the encoder's time reduction, 2**k (k stride-2 convs)
             feature_norm="utterance",  # 'utterance': per-utterance, per-bin mean/variance; 'none'
+            # True: prepared splits keep the audio (16-bit PCM, FLAC-compressed) instead of
+            # log-mel, and the train/eval steps compute log-mel, normalization and
+            # SpecAugment on the accelerator (`usmqs.data.features_jax`); batches then
+            # carry audio [B, S] + num_samples [B] in place of features + feature_mask.
+            features_on_device=False,
             # The embedded corpus (`usmqs.data.synth`), used when no manifest is set:
             # where it is cached, its split sizes (0 = the synthesizer's default) and seed.
             synth_dir="~/.cache/usmqs/corpus",
@@ -189,6 +211,10 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.on_bad_input must be 'skip' or 'error', got {cfg.on_bad_input!r}")
     if cfg.tokenizer_type not in MODEL_TYPES:
         raise ValueError(f"data.tokenizer_type must be one of {MODEL_TYPES}, got {cfg.tokenizer_type!r}")
+    # .get: a run's config.json from before the key existed lacks it (= False).
+    on_device = cfg.get("features_on_device", False)
+    if not isinstance(on_device, bool):
+        raise ValueError(f"data.features_on_device must be True or False, got {on_device!r}")
     if cfg.feature_norm not in ("utterance", "none"):
         raise ValueError(f"data.feature_norm must be 'utterance' or 'none', got {cfg.feature_norm!r}")
     factor = int(cfg.subsampling_factor)
@@ -244,6 +270,27 @@ def data_config_from_serving(
     return cfg, fcfg
 
 
+def spec_augment_settings(cfg: ml_collections.ConfigDict) -> dict | None:
+    """The ``spec_augment`` keywords of a data config (host `spec_augment` and device
+    `specaugment_jax.spec_augment` take the same), or None when it is disabled."""
+    sa = cfg.spec_augment
+    if not sa.enabled:
+        return None
+    return dict(
+        freq_masks=int(sa.freq_masks),
+        freq_width=int(sa.freq_width),
+        time_masks=int(sa.time_masks),
+        time_width_ratio=float(sa.time_width_ratio),
+        time_masks_per_frame=float(sa.get("time_masks_per_frame", 0.0)),
+    )
+
+
+def batch_samples(frames: int, cfg: ml_collections.ConfigDict) -> int:
+    """Audio width ``S_b`` of an audio batch padded to ``frames`` frames: the fewest samples
+    that give that many frames, ``(frames - 1) * hop + win``."""
+    return features_lib.samples_for_frames(frames, feature_config(cfg))
+
+
 # ------------------------------------------------------------------------ CTC lengths
 
 
@@ -287,10 +334,13 @@ def batch_shapes(cfg: ml_collections.ConfigDict) -> list[tuple[int, int]]:
 
 # Record = header + features bytes (T*F, STORAGE_DTYPE, row-major) + labels (L, int32).
 # Header: magic, version, dtype code, pad, example index, T, F, L (little endian).
+# Audio records (data.features_on_device) have dtype code _FLAC: T = samples, F = bytes of
+# the FLAC file (16-bit mono PCM) that follows the header.
 _HEADER = struct.Struct("<4sBBHIIII")
 _MAGIC = b"USMX"
 _DTYPES = {1: np.dtype(np.float16), 2: np.dtype(np.float32)}
 _DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
+_FLAC = 3
 
 
 def encode_example(index: int, feats: np.ndarray, labels: Sequence[int]) -> bytes:
@@ -303,12 +353,29 @@ def encode_example(index: int, feats: np.ndarray, labels: Sequence[int]) -> byte
     return header + feats.tobytes() + labels.tobytes()
 
 
+def encode_audio_example(index: int, pcm: np.ndarray, labels: Sequence[int]) -> bytes:
+    """Serializes one audio example: int16 ``pcm [N]`` (stored as FLAC, lossless) and
+    ``labels [L]`` int32."""
+    flac = flac_bytes(pcm, SAMPLE_RATE)
+    labels = np.ascontiguousarray(labels, dtype="<i4")
+    header = _HEADER.pack(_MAGIC, CACHE_VERSION, _FLAC, 0, index, np.size(pcm), len(flac), labels.size)
+    return header + flac + labels.tobytes()
+
+
 def decode_example(record: bytes) -> dict:
     """Inverse of :func:`encode_example`: ``{"index": int, "features": [T, F] float16,
-    "labels": [L] int32}`` (arrays are read-only views of ``record``)."""
+    "labels": [L] int32}`` (arrays are read-only views of ``record``); of
+    :func:`encode_audio_example`: ``{"index", "audio": [N] int16, "labels"}``."""
     magic, version, code, _, index, t, f, n = _HEADER.unpack_from(record)
     if magic != _MAGIC or version != CACHE_VERSION:
         raise ValueError(f"not a usmqs example record (magic={magic!r}, version={version})")
+    if code == _FLAC:
+        start = _HEADER.size
+        audio = pcm16_from_flac(record[start : start + f])
+        if audio.shape != (t,):
+            raise ValueError(f"audio record {index}: decoded {audio.shape} samples, header says {t}")
+        labels = np.frombuffer(record, dtype="<i4", count=n, offset=start + f)
+        return {"index": index, "audio": audio, "labels": labels}
     dtype = _DTYPES[code].newbyteorder("<")
     start = _HEADER.size
     end = start + t * f * dtype.itemsize
@@ -339,6 +406,8 @@ class PreparedSplit:
         or warned (``kept`` True) line, in file order.
       from_cache: True when nothing was recomputed.
       key: the cache key (sha256 hex).
+      stores_audio: the records hold audio (``data.features_on_device``), not features;
+        metadata then also has ``"num_samples"``.
     """
 
     paths: tuple[str, ...]
@@ -352,6 +421,7 @@ class PreparedSplit:
     skip_log: list
     from_cache: bool
     key: str
+    stores_audio: bool = False
 
     @property
     def num_frames(self) -> np.ndarray:
@@ -361,9 +431,12 @@ class PreparedSplit:
 
 @dataclasses.dataclass(frozen=True)
 class _Limits:
+    """What decides which utterances are kept, and what is stored of them."""
+
     max_frames: int
     subsampling_factor: int
     train: bool
+    store_audio: bool = False  # FLAC audio records instead of log-mel (features_on_device)
 
 
 class _Problem(Exception):
@@ -391,8 +464,9 @@ def _transcript_and_audio(item) -> tuple[str, Callable[[], np.ndarray]]:
 
 
 def _process(utt, tokenizer: Tokenizer, fcfg: features_lib.FeatureConfig, limits: _Limits):
-    """One utterance (manifest row or TFDS record) -> ("ok", feats, labels, text,
-    warning|None) or ("bad", reason, detail)."""
+    """One utterance (manifest row or TFDS record) -> ("ok", payload, frames, labels,
+    text, warning|None) or ("bad", reason, detail); payload: stored log-mel [T, F], or
+    int16 PCM [N] with ``limits.store_audio``."""
     warning = None
     try:
         raw_text, load = _transcript_and_audio(utt)
@@ -408,8 +482,12 @@ def _process(utt, tokenizer: Tokenizer, fcfg: features_lib.FeatureConfig, limits
             audio = load()
         except AudioError as e:
             raise _Problem(SkipReason.AUDIO_ERROR, str(e)) from None
-        feats = stored_log_mel(audio, fcfg)
-        frames = feats.shape[0]
+        if limits.store_audio:  # frame counts as the features would have them
+            payload = pcm16(audio)
+            frames = features_lib.num_frames(payload.shape[0], fcfg)
+        else:
+            payload = stored_log_mel(audio, fcfg)
+            frames = payload.shape[0]
         if frames > limits.max_frames:
             warning = warning or _Problem(
                 SkipReason.TOO_LONG, f"{frames} frames > max_frames={limits.max_frames}"
@@ -427,7 +505,7 @@ def _process(utt, tokenizer: Tokenizer, fcfg: features_lib.FeatureConfig, limits
     except _Problem as p:
         return ("bad", str(p.reason), p.detail)
     w = None if warning is None else (str(warning.reason), warning.detail)
-    return ("ok", feats, labels, text, w)
+    return ("ok", payload, frames, labels, text, w)
 
 
 # Worker-process globals for parallel preparation (set once by the pool initializer).
@@ -447,9 +525,11 @@ def _cache_key(manifest: str, digest: bytes, files: Sequence[str], tokenizer, fc
     of a TFDS split's JSON files), the tokenizer and the `files` the examples are read from
     (the audio files of a manifest, the shards of a TFDS split)."""
     h = hashlib.sha256()
+    kept = {k: v for k, v in dataclasses.asdict(limits).items() if k != "store_audio"}
+    storage = "flac_int16" if limits.store_audio else np.dtype(STORAGE_DTYPE).name
     h.update(json.dumps(
         {"version": CACHE_VERSION, "manifest": manifest, "features": fcfg.to_dict(),
-         "limits": dataclasses.asdict(limits), "storage": np.dtype(STORAGE_DTYPE).name},
+         "limits": kept, "storage": storage},
         sort_keys=True,
     ).encode())
     h.update(digest)
@@ -531,6 +611,7 @@ def _split_from_meta(meta: dict, meta_path: Path, from_cache: bool) -> PreparedS
         skip_log=meta["skip_log"],
         from_cache=from_cache,
         key=meta["key"],
+        stores_audio=meta.get("payload") == "audio",
     )
 
 
@@ -596,16 +677,19 @@ def _write_examples(writer, items, results, report: _SkipLog, *, strict: bool) -
                 _raise_bad(manifest, item.line, reason, detail)
             report.note(item.line, reason, detail, kept=False)
             continue
-        _, feats, labels, text, warning = result
+        _, payload, frames, labels, text, warning = result
         if warning is not None:
             report.note(item.line, warning[0], warning[1], kept=True)
-        writer.write(encode_example(len(examples), feats, labels))
+        audio = payload.dtype == np.int16
+        encode = encode_audio_example if audio else encode_example
+        writer.write(encode(len(examples), payload, labels))
         examples.append({
             "audio_filepath": item.audio_filepath,
             "text": text,
             "line": item.line,
-            "num_frames": int(feats.shape[0]),
+            "num_frames": int(frames),
             "num_labels": len(labels),
+            **({"num_samples": int(payload.shape[0])} if audio else {}),
         })
         if (n + 1) % 1000 == 0:
             log.info("%s: %d/%d lines prepared", manifest, n + 1, len(items))
@@ -681,6 +765,7 @@ def _merged(job: _Job, shards: list[dict], num_lines: int, train: bool) -> dict:
         "manifest": job.manifest,
         "train": bool(train),
         "feature_config": job.fcfg.to_dict(),
+        "payload": "audio" if job.limits.store_audio else "features",
         "num_lines": num_lines,
         **counts,
         "skip_log": [e for sh in shards for e in sh["skip_log"]],
@@ -699,6 +784,7 @@ def prepare_split(
     process_index: int = 0,
     process_count: int = 1,
     barrier: Callable[[], None] | None = None,
+    store_audio: bool | None = None,
 ) -> PreparedSplit:
     """Reads, validates, featurizes and tokenizes a manifest into cached ArrayRecord shards.
 
@@ -715,7 +801,7 @@ def prepare_split(
     the split's JSON exists nothing is recomputed (``from_cache=True``). ``key`` hashes
     the manifest (path and bytes), the audio files' sizes and mtimes (for a ``tfds:``
     split: its JSON files and its shard files' sizes and mtimes), the feature config,
-    the tokenizer model bytes, ``max_frames``, ``subsampling_factor`` and ``train``.
+    the tokenizer model bytes, ``max_frames``, ``subsampling_factor``, ``train``, `store_audio`.
 
     Args:
       manifest_path: NeMo-style JSON-lines manifest, or a TFDS split
@@ -730,6 +816,7 @@ def prepare_split(
       train: training split (skip every bad input) or eval split (see module docstring).
       process_index, process_count, barrier: this process's share of the shards, and a
         function that returns once every process has finished its share.
+      store_audio: FLAC audio records, not log-mel (None: ``data.features_on_device``).
 
     Raises:
       ValueError: with ``on_bad_input='error'``, the first bad line as
@@ -738,14 +825,14 @@ def prepare_split(
       tfds_source.TfdsError: a ``tfds:`` value that names no prepared split.
     """
     manifest, stem, items, digest, files = _read_items(manifest_path, cfg)
-    fcfg = feature_config(cfg)
-    limits = _Limits(int(cfg.max_frames), int(cfg.subsampling_factor), bool(train))
-    key = _cache_key(manifest, digest, files, tokenizer, fcfg, limits)
+    audio = bool(cfg.get("features_on_device", False) if store_audio is None else store_audio)
+    limits = _Limits(int(cfg.max_frames), int(cfg.subsampling_factor), bool(train), audio)
+    key = _cache_key(manifest, digest, files, tokenizer, feature_config(cfg), limits)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     base = f"{stem}.{'train' if train else 'eval'}.{key[:16]}"
     meta_path = cache / f"{base}.json"
-    job = _Job(manifest, key, cache, base, tokenizer, fcfg, limits, cfg, cfg.on_bad_input == "error")
+    job = _Job(manifest, key, cache, base, tokenizer, feature_config(cfg), limits, cfg, cfg.on_bad_input == "error")
 
     meta = _load_cached(meta_path, key)
     if meta is not None:
@@ -802,10 +889,18 @@ def _source(split: PreparedSplit) -> grain.MapDataset:
     return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(split.paths))).map(decode_example)
 
 
-def _empty_batch(rows: int, frames: int, labels: int, bins: int) -> dict:
-    return {
+def _empty_batch(rows: int, frames: int, labels: int, bins: int, samples: int | None = None) -> dict:
+    """Zero batch; with `samples`, an audio batch (audio [rows, samples] int16 +
+    num_samples [rows] int32) in place of features + feature_mask."""
+    inputs = {
         "features": np.zeros((rows, frames, bins), np.float32),
         "feature_mask": np.zeros((rows, frames), bool),
+    } if samples is None else {
+        "audio": np.zeros((rows, samples), np.int16),
+        "num_samples": np.zeros((rows,), np.int32),
+    }
+    return {
+        **inputs,
         "labels": np.zeros((rows, labels), np.int32),
         "label_mask": np.zeros((rows, labels), bool),
         "example_index": np.full((rows,), -1, np.int32),
@@ -830,10 +925,18 @@ def normalize_features(feats: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _put_row(batch: dict, row: int, index: int, feats: np.ndarray, labels: np.ndarray) -> None:
-    t = min(feats.shape[0], batch["features"].shape[1])
+    """Row `row` of a batch: `feats` [T, F] (features batch) or PCM [N] (audio batch)."""
+    if "audio" in batch:
+        # Samples past the batch width fill no frame of the bucket (a partial last
+        # frame): cutting them leaves the frame count, 1 + (N - win) // hop, as it was.
+        s = min(feats.shape[0], batch["audio"].shape[1])
+        batch["audio"][row, :s] = feats[:s]
+        batch["num_samples"][row] = s
+    else:
+        t = min(feats.shape[0], batch["features"].shape[1])
+        batch["features"][row, :t] = feats[:t]
+        batch["feature_mask"][row, :t] = True
     n = min(labels.shape[0], batch["labels"].shape[1])  # eval only may cut labels
-    batch["features"][row, :t] = feats[:t]
-    batch["feature_mask"][row, :t] = True
     batch["labels"][row, :n] = labels[:n]
     batch["label_mask"][row, :n] = True
     batch["example_index"][row] = index
@@ -899,23 +1002,21 @@ class _TrainBatch:
         self.bins = int(cfg.num_mel_bins)
         self.pi, self.pc = pi, pc  # process index, process count
         self.norm = cfg.feature_norm
-        sa = cfg.spec_augment
-        self.augment = dict(
-            freq_masks=int(sa.freq_masks),
-            freq_width=int(sa.freq_width),
-            time_masks=int(sa.time_masks),
-            time_width_ratio=float(sa.time_width_ratio),
-            time_masks_per_frame=float(sa.get("time_masks_per_frame", 0.0)),
-        ) if sa.enabled else None
+        self.augment = spec_augment_settings(cfg)
+        self.cfg, self.audio = cfg, split.stores_audio
 
     def __call__(self, step: int, batch_id: int) -> dict:
         epoch = step // self.plan.num_batches
         bucket, members = self.plan.batches(epoch)[batch_id]
         frames = self.bounds[bucket]
         rows = members[self.pi :: self.pc]
-        batch = _empty_batch(rows.size, frames, subsampled_length(frames, self.factor), self.bins)
+        samples = batch_samples(frames, self.cfg) if self.audio else None
+        batch = _empty_batch(rows.size, frames, subsampled_length(frames, self.factor), self.bins, samples)
         for r, i in enumerate(rows):
             ex = self.examples[int(i)]
+            if self.audio:  # featurized, normalized and augmented in the step
+                _put_row(batch, r, int(i), ex["audio"], ex["labels"])
+                continue
             feats = normalize_features(ex["features"], self.norm)
             if self.augment is not None:
                 # Keyed by (step, row of the global batch): independent of process count,
@@ -1028,15 +1129,18 @@ class _EvalBatch:
         self.plan, self.pi, self.pc = plan, process_index, process_count
         self.factor, self.bins = int(cfg.subsampling_factor), int(cfg.num_mel_bins)
         self.norm = cfg.feature_norm
+        self.cfg, self.audio = cfg, split.stores_audio
 
     def __call__(self, batch_id: int) -> dict:
         frames, members = self.plan[batch_id]
         rows = members[self.pi :: self.pc]
-        batch = _empty_batch(rows.size, frames, subsampled_length(frames, self.factor), self.bins)
+        samples = batch_samples(frames, self.cfg) if self.audio else None
+        batch = _empty_batch(rows.size, frames, subsampled_length(frames, self.factor), self.bins, samples)
         for r, i in enumerate(rows):
             if i >= 0:
                 ex = self.examples[int(i)]
-                _put_row(batch, r, int(i), normalize_features(ex["features"], self.norm), ex["labels"])
+                row = ex["audio"] if self.audio else normalize_features(ex["features"], self.norm)
+                _put_row(batch, r, int(i), row, ex["labels"])
         return batch
 
 
