@@ -174,18 +174,15 @@ def test_tampered_or_mismatched_files_are_clear_errors(onnx_runs, tmp_path):
         return d
 
     onnx_export.load_onnx(src)
-    d = copy()
-    (d / onnx_export.TOKENS_FILE).write_text(TOKENS.replace("a 3", "x 3"))
-    with pytest.raises(OnnxExportError, match="tokens.txt: not the tokens file"):
-        onnx_export.load_onnx(d)
-    d = copy()
-    (d / onnx_export.TOKENS_FILE).write_text("".join(TOKENS.splitlines(keepends=True)[:-1]))
-    with pytest.raises(OnnxExportError, match="36 tokens, the model has 37"):
-        onnx_export.load_onnx(d)
-    d = copy()
-    (d / onnx_export.TOKENS_FILE).write_text(TOKENS.replace("<blank> 0", "<pad> 0"))
-    with pytest.raises(OnnxExportError, match="id 0 is '<pad>'"):
-        onnx_export.load_onnx(d)
+    for tokens, match in (
+        (TOKENS.replace("a 3", "x 3"), "tokens.txt: not the tokens file"),
+        ("".join(TOKENS.splitlines(keepends=True)[:-1]), "36 tokens, the model has 37"),
+        (TOKENS.replace("<blank> 0", "<pad> 0"), "id 0 is '<pad>'"),
+    ):
+        d = copy()
+        (d / onnx_export.TOKENS_FILE).write_text(tokens)
+        with pytest.raises(OnnxExportError, match=match):
+            onnx_export.load_onnx(d)
     d = copy()
     data = bytearray((d / onnx_export.MODEL_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
