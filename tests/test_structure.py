@@ -15,7 +15,8 @@ The layering (lowest first; a module imports only from its own package or lower 
     evaluate                                 decoders, scoring, decoding a workdir's split
     train, export                            the loop; the packed export and serving
     transcribe, onnx_export                  audio files -> text; the ONNX model of an export
-    study_report                             rows, tables, plot, README block of a study
+    study_report, sensitivity                rows, tables, plot, README block of a study;
+                                             per-group PTQ sensitivity, mixed policies
     study, compile                           the compression study; ahead-of-time compile
     cli                                      argument parsing
     __main__                                 `python -m usmqs`
@@ -38,7 +39,7 @@ LAYERS = (
     ("evaluate",),
     ("train", "export"),
     ("transcribe", "onnx_export"),
-    ("study_report",),
+    ("study_report", "sensitivity"),
     ("study", "compile"),
     ("cli",),
     ("__main__",),

@@ -10,7 +10,7 @@
   and its shardings, a jitted sharded `init_fn`), shapes first, nothing allocated;
 * checkpoints: `checkpoint_manager`, `restore_state` / `save_state` (the whole
   `TrainState` plus the data iterator position), `load_params` / `load_float_weights`
-  (`init_from`: another run's weights only), `init_masks`.
+  (`init_from`: another run's weights only; `newest_params` with their step), `init_masks`.
 
 A workdir holds ``config.json`` (the resolved config, `usmqs.config.save`),
 ``tokenizer.model``, ``checkpoints/``, ``metrics.jsonl`` and the evaluation outputs.
@@ -376,6 +376,12 @@ def load_float_weights(setup: Setup, state: TrainState, src: str) -> TrainState:
 def load_params(setup: Setup, src: str):
     """The weights of `src`'s newest restorable checkpoint, shaped and sharded like this
     run's params (also the distillation teacher's weights)."""
+    return newest_params(setup, src)[1]
+
+
+def newest_params(setup: Setup, src: str) -> tuple[int, Any]:
+    """(step, weights) of `src`'s newest restorable checkpoint, the weights shaped and
+    sharded like this run's params (`load_params`)."""
     src_dir = pathlib.Path(src)
     mngr = checkpoint_manager(src_dir)
     target = jax.tree.map(
@@ -400,7 +406,7 @@ def load_params(setup: Setup, src: str):
     if found is None:
         raise FileNotFoundError(f"init_from={src}: no checkpoint under {src_dir / CHECKPOINT_DIR}")
     log.info("init_from %s: loaded weights of step %d", src, found[0])
-    return found[1]
+    return found
 
 
 def init_masks(setup: Setup, state: TrainState) -> TrainState:

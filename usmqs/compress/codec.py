@@ -83,15 +83,21 @@ class Layout:
     @classmethod
     def of(cls, layer: Dense | Conv, encoding: IndexEncoding) -> Layout:
         """The layout of a compressed layer (``layer.spec`` not None) under `encoding`."""
-        spec = layer.spec
-        shape = tuple(layer.kernel_shape)
+        return cls.for_spec(layer.spec, layer.kernel_shape, layer.contract_axes, encoding)
+
+    @classmethod
+    def for_spec(
+        cls, spec: WeightSpec, layer_shape: tuple[int, ...], contract_axes: tuple[int, ...], encoding: IndexEncoding
+    ) -> Layout:
+        """The layout of one layer's kernel ``[*layer_shape]`` under `spec` (not None)."""
+        shape = tuple(layer_shape)
         nm = spec.nm if spec.nm is not None and spec.nm[0] < spec.nm[1] else None
-        nm_axes = ops.nm_group_axes(spec, layer.contract_axes, len(shape)) if nm else None
+        nm_axes = ops.nm_group_axes(spec, contract_axes, len(shape)) if nm else None
         if spec.weight_bits is not None and spec.weight_bits <= 8:
             kind = Kind.QUANTIZED
         else:  # float N:M, or int16 (qwix has no integer form above 8 bits)
             kind = Kind.SPARSE_FLOAT if nm else Kind.DENSE_FLOAT
-        return cls(kind, shape, tuple(layer.contract_axes), spec, nm, nm_axes, encoding)
+        return cls(kind, shape, tuple(contract_axes), spec, nm, nm_axes, encoding)
 
     @property
     def value_bits(self) -> int | None:
@@ -165,6 +171,15 @@ def encode(lay: Layout, kernel: jax.Array, mask: jax.Array | None) -> tuple[dict
     when it is False the components do not describe the kernel.
     """
     return _encoder(lay)(kernel, mask)
+
+
+def stored_nbytes(lay: Layout) -> dict[str, int]:
+    """Bytes of each component `encode` stores for one layer of `lay`, from shapes only:
+    `encode` traced abstractly (`jax.eval_shape`), nothing computed."""
+    kernel = jax.ShapeDtypeStruct(lay.layer_shape, jnp.float32)
+    mask = jax.ShapeDtypeStruct(lay.layer_shape, jnp.bool_) if lay.nm else None
+    out, _ = jax.eval_shape(functools.partial(encode, lay), kernel, mask)
+    return {k: math.prod(a.shape) * a.dtype.itemsize for k, a in out.items()}
 
 
 def _broadcast_groups(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:

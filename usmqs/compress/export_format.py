@@ -144,14 +144,18 @@ def _jsonable(x):
     return x
 
 
-def policy_to_data(policy: Policy | None) -> list[dict]:
-    """The policy's rules as JSON data that `Policy.from_config` reads back."""
+def policy_to_data(policy: Policy | None, *, skip_defaults: bool = False) -> list[dict]:
+    """The policy's rules as JSON data that `Policy.from_config` reads back; with
+    `skip_defaults`, each rule without the fields that equal `WeightSpec`'s defaults."""
     kinds = {OneShot: "one_shot", Every: "every", Gradual: "gradual"}
+    default = WeightSpec()
     rules = []
     for rule in (policy.rules if policy is not None else ()):
         d = {"module_path": rule.module_path}
         for f in dataclasses.fields(WeightSpec):
             v = getattr(rule.spec, f.name)
+            if skip_defaults and v == getattr(default, f.name):
+                continue
             if f.name == "mask_schedule":
                 v = {"kind": kinds[type(v)], **dataclasses.asdict(v)}
             d[f.name] = _jsonable(v)
@@ -418,6 +422,19 @@ def disk_bytes(path: str | os.PathLike) -> int:
     return total
 
 
+# Stored component -> size-report bucket, for the compressed kinds.
+_COMPONENT_BUCKETS = {"values": "values", "indices": "indices", "scale": "scales", "zero_point": "zero_points"}
+
+
+def tensor_bytes(kind: str, component_nbytes: Mapping[str, int]) -> dict[str, int]:
+    """One tensor's bytes by `size_report` bucket: all in ``float_layers`` for the float
+    kinds (float, dense_float), else ``values`` / ``indices`` / ``scales`` /
+    ``zero_points`` (the compressed layers' accounting) for the components it has."""
+    if kind in (Kind.FLOAT.value, Kind.DENSE_FLOAT.value):
+        return {"float_layers": sum(component_nbytes.values())}
+    return {_COMPONENT_BUCKETS[k]: n for k, n in component_nbytes.items()}
+
+
 def size_report(export_dir: str | os.PathLike) -> dict:
     """Byte accounting of the export in `export_dir` (written as its size.json).
 
@@ -446,15 +463,14 @@ def size_report(export_dir: str | os.PathLike) -> dict:
     for rec in meta["tensors"].values():
         n = math.prod(rec["shape"])
         num_params += n
-        arrs = rec["arrays"]
-        if rec["kind"] in (Kind.FLOAT.value, Kind.DENSE_FLOAT.value):
-            comp["float_layers"] += sum(a["nbytes"] for a in arrs.values())
+        buckets = tensor_bytes(rec["kind"], {k: a["nbytes"] for k, a in rec["arrays"].items()})
+        for bucket, nbytes in buckets.items():
+            comp[bucket] += nbytes
+        if "float_layers" in buckets:
             continue
         cw += n
-        for key, bucket in (("values", "values"), ("indices", "indices"), ("scale", "scales"), ("zero_point", "zero_points")):
-            if key in arrs:
-                comp[bucket] += arrs[key]["nbytes"]
-                cbytes[bucket] += arrs[key]["nbytes"]
+        for bucket, nbytes in buckets.items():
+            cbytes[bucket] += nbytes
     payload = sum(comp.values())
     arrays_disk = sum(f["nbytes"] for rel, f in meta["files"].items() if rel.startswith(ARRAYS_DIR + "/"))
     comp["container"] = arrays_disk - payload

@@ -291,6 +291,36 @@ PAPER_SETTINGS = (
 NM_EXEMPT = r".*(blocks/conv/dw|subsample/conv1)"
 
 
+def setting_name(bits: int | None, nm: tuple[int, int] | None) -> str:
+    """The DESIGN.md name of (weight bits, N:M): 'float', 'int4', '2:4', 'int4+2:4', and
+    likewise for settings that have no named policy ('int2+1:4')."""
+    parts = ([] if bits is None else [f"int{bits}"]) + ([] if nm is None else [f"{nm[0]}:{nm[1]}"])
+    return "+".join(parts) or "float"
+
+
+def setting_rules(
+    bits: int | None,
+    nm: tuple[int, int] | None,
+    *,
+    runtime: bool = False,
+    mask_schedule: MaskSchedule = WeightSpec.mask_schedule,
+    prune_grad: PruneGrad = WeightSpec.prune_grad,
+    srste_lambda: float = WeightSpec.srste_lambda,
+) -> tuple[Rule, ...]:
+    """The rules of a whole-model setting (`Policy.named`'s, for any bits and N:M): every
+    layer at `bits` with N:M `nm`, except `NM_EXEMPT`, which keeps `bits` dense; () for
+    float. The pruning options go to the N:M rule (see `Policy.named`)."""
+    if bits is None and nm is None and not runtime:
+        return ()
+    pruning = {}
+    if nm is not None or runtime:
+        pruning = dict(mask_schedule=mask_schedule, prune_grad=prune_grad, srste_lambda=srste_lambda)
+    rules = [Rule(".*", WeightSpec(weight_bits=bits, nm=nm, runtime=runtime, **pruning))]
+    if nm is not None or runtime:  # runtime: the same two rules for every name
+        rules.insert(0, Rule(NM_EXEMPT, WeightSpec(weight_bits=bits, runtime=runtime)))
+    return tuple(rules)
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """An ordered tuple of rules; the first rule whose regex fully matches a path wins."""
@@ -327,15 +357,10 @@ class Policy:
         if name not in NAMED_POLICIES:
             raise ValueError(f"unknown policy name {name!r}; known: {' '.join(NAMED_POLICIES)}")
         bits, nm = NAMED_POLICIES[name]
-        if bits is None and nm is None and not runtime:
-            return cls(rules=())
-        pruning = {}
-        if nm is not None or runtime:
-            pruning = dict(mask_schedule=mask_schedule, prune_grad=prune_grad, srste_lambda=srste_lambda)
-        rules = [Rule(".*", WeightSpec(weight_bits=bits, nm=nm, runtime=runtime, **pruning))]
-        if nm is not None or runtime:  # runtime: the same two rules for every name
-            rules.insert(0, Rule(NM_EXEMPT, WeightSpec(weight_bits=bits, runtime=runtime)))
-        return cls(rules=tuple(rules))
+        return cls(rules=setting_rules(
+            bits, nm, runtime=runtime, mask_schedule=mask_schedule, prune_grad=prune_grad,
+            srste_lambda=srste_lambda,
+        ))
 
     @classmethod
     def from_config(cls, rules: Iterable[Mapping[str, Any]]) -> Policy:
