@@ -10,8 +10,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUITE_JAX_CACHE = "USMQS_TEST_JAX_CACHE"  # names the test run's compilation cache
 # XLA:CPU compiles the tests' programs without LLVM's optimization passes: a micro model's
-# train step compiles in about half the time (init: 8 s -> 2 s) and runs slower, which
-# micro models do not notice. The programs' semantics are the same (no fast-math either
+# programs compile several times faster and run slower, which micro models do not notice
+# (README "Tests and benchmarks" has the measurement). The programs' semantics are the same (no fast-math either
 # way), so bitwise comparisons between programs hold as they do at the default level.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
