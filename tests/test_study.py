@@ -1,8 +1,8 @@
 """The compression study: plan, execution and resume (usmqs/study.py); results.json rows,
 report.md, pareto.png and the README block (usmqs/study_report.py).
 
-What needs training is checked on one study of the micro model (`demo_study`: two fine-
-tuning seeds, packed exports decoded), trained once per test session and shared, also
+What needs training is checked on one study of the micro model (`demo_study`: two
+fine-tuning seeds, packed exports decoded), trained once per test session and shared, also
 between xdist workers; the tests that change a study work on a copy. Failed runs and full
 disks are checked on studies whose runs train nothing (`fake_runs`). Everything else is
 checked on loaded configs and hand-made records.
