@@ -19,6 +19,8 @@ host, with the same distribution; and ``floor(ratio * V)`` is computed in float3
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -54,20 +56,21 @@ def spec_augment(
     num_valid: jax.Array,
     rng: jax.Array,
     *,
-    freq_masks: int = 2,
-    freq_width: int = 27,
-    time_masks: int = 2,
-    time_width_ratio: float = 0.05,
-    time_masks_per_frame: float = 0.0,
+    freq_masks: int,
+    freq_width: int,
+    time_masks: int,
+    time_width_ratio: float,
+    time_masks_per_frame: float,
     mask_value: float = 0.0,
 ) -> jax.Array:
     """Masked ``features [B, T, F]`` (same dtype); ``num_valid [B]`` real frames per row,
-    ``rng`` a JAX key (split into one key per row). Arguments as in
-    `usmqs.data.specaugment.spec_augment`."""
-    settings = dict(
-        freq_masks=int(freq_masks), freq_width=int(freq_width), time_masks=int(time_masks),
-        time_width_ratio=float(time_width_ratio), time_masks_per_frame=float(time_masks_per_frame),
-        mask_value=float(mask_value),
+    ``rng`` a JAX key (split into one key per row). The settings are those of
+    `usmqs.data.specaugment.spec_augment` (whose defaults are the project's), as
+    `usmqs.data.pipeline.spec_augment_settings` gives them for a data config."""
+    row = functools.partial(
+        _row, freq_masks=freq_masks, freq_width=freq_width, time_masks=time_masks,
+        time_width_ratio=time_width_ratio, time_masks_per_frame=time_masks_per_frame,
+        mask_value=mask_value,
     )
     keys = jax.random.split(rng, features.shape[0])
-    return jax.vmap(lambda x, v, k: _row(x, v, k, **settings))(features, num_valid, keys)
+    return jax.vmap(row)(features, num_valid, keys)
