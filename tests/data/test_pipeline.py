@@ -263,6 +263,20 @@ def test_shards_of_two_processes_make_the_same_split_and_an_interrupted_one_resu
             np.testing.assert_array_equal(ba[k], bb[k], err_msg=k)
 
 
+def test_preparation_computes_with_one_blas_thread_and_restores_the_setting(corpus, tmp_path, monkeypatch):
+    """Several preparing processes on one host must not each spin a BLAS thread per core
+    (bench/prepare_shards.py: 3.5x slower); the limit holds only while preparing."""
+    import threadpoolctl
+
+    blas = lambda: {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}  # noqa: E731
+    before, seen = blas(), []
+    process = pipeline._process
+    monkeypatch.setattr(pipeline, "_process", lambda *a: seen.append(blas()) or process(*a))
+    pipeline.prepare_split(corpus["manifest"], corpus["tok"], _cfg(), tmp_path / "cache", train=True)
+    assert seen and all(s == {1} for s in seen)
+    assert blas() == before
+
+
 def test_eval_split_keeps_scorable_utterances(corpus):
     split = pipeline.prepare_split(corpus["manifest"], corpus["tok"], _cfg(), corpus["root"] / "cache", train=False)
     unusable = {"audio_error": 4, "empty_transcript": 1, "malformed_line": 1}

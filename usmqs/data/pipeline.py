@@ -71,6 +71,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import json
 import logging
@@ -83,6 +84,7 @@ from pathlib import Path
 import grain
 import ml_collections
 import numpy as np
+import threadpoolctl
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from usmqs.data import features as features_lib
@@ -513,6 +515,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(model_bytes: bytes, fcfg: features_lib.FeatureConfig, limits: _Limits) -> None:
+    threadpoolctl.threadpool_limits(1, user_api="blas")  # see _ONE_BLAS_THREAD
     _WORKER.update(tokenizer=Tokenizer(model_bytes), fcfg=fcfg, limits=limits)
 
 
@@ -639,6 +642,14 @@ class _SkipLog:
         )
 
 
+# Preparation computes one utterance at a time: its matmul (frames x 257 @ 257 x 80) gains
+# nothing from BLAS threads, and several preparing processes (the processes of a job on
+# one host, `data.num_workers`) whose BLAS threads spin on the same cores run 3.5x slower
+# (bench/prepare_shards.py: 2 processes on 2 cores 34.7 s with OpenBLAS' default threads,
+# 9.8 s with one each; one process 18.8 s vs 16.7 s).
+_ONE_BLAS_THREAD = functools.partial(threadpoolctl.threadpool_limits, 1, user_api="blas")
+
+
 @contextlib.contextmanager
 def _processed(utts: list[Utterance], tokenizer: Tokenizer, fcfg, limits: _Limits, cfg):
     """An iterator of `_process` results for `utts`, in order: inline, or from
@@ -735,7 +746,7 @@ def _prepare_shard(job: _Job, items: list, shard: int, count: int) -> dict:
     writer = ArrayRecordWriter(str(tmp_record), "group_size:1")
     utts = [x for x in items if not isinstance(x, SkippedLine)]
     try:
-        with _processed(utts, job.tokenizer, job.fcfg, job.limits, job.cfg) as results:
+        with _ONE_BLAS_THREAD(), _processed(utts, job.tokenizer, job.fcfg, job.limits, job.cfg) as results:
             examples = _write_examples(writer, items, results, report, strict=job.strict)
     except BaseException:
         writer.close()
