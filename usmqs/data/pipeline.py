@@ -515,7 +515,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(model_bytes: bytes, fcfg: features_lib.FeatureConfig, limits: _Limits) -> None:
-    threadpoolctl.threadpool_limits(1, user_api="blas")  # see _ONE_BLAS_THREAD
+    _ONE_BLAS_THREAD()  # for the worker's life
     _WORKER.update(tokenizer=Tokenizer(model_bytes), fcfg=fcfg, limits=limits)
 
 
