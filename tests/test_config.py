@@ -79,17 +79,19 @@ def test_saved_config_reloads_equal(tmp_path):
         config_lib.load_saved(tmp_path / "nowhere")
 
 
-def test_a_saved_config_from_before_features_on_device_reads_as_host_features(tmp_path):
+def test_a_saved_config_from_before_newer_data_keys_reads_as_before_them(tmp_path):
     import json
 
     from usmqs import run
+    from usmqs.data import pipeline
 
     cfg = config_lib.load(str(ROOT / "configs/tiny.py"))
     old = cfg.to_dict()
-    del old["data"]["features_on_device"]
+    del old["data"]["features_on_device"], old["data"]["standardize_audio"]
     (tmp_path / config_lib.SAVED_CONFIG_FILE).write_text(json.dumps(old))
     back = config_lib.load_saved(tmp_path)
     assert [k for k, _ in run.batch_layout(back)] == ["features", "feature_mask", "labels", "label_mask"]
+    assert back.data.standardize_audio is False and not pipeline.feature_config(back.data).standardize_audio
     with pytest.raises(ConfigError, match="features_on_device"):
         old["data"]["features_on_device"] = "yes"
         (tmp_path / config_lib.SAVED_CONFIG_FILE).write_text(json.dumps(old))

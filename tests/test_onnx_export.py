@@ -43,7 +43,7 @@ def _audio(seconds: float, seed: int) -> np.ndarray:
     return (x - x.mean()).astype(np.float32)
 
 
-def _micro_export(root: pathlib.Path, policy_name: str) -> pathlib.Path:
+def _micro_export(root: pathlib.Path, policy_name: str, *, standardize_audio: bool = False) -> pathlib.Path:
     from flax import nnx
 
     from usmqs.compress import masks
@@ -53,6 +53,8 @@ def _micro_export(root: pathlib.Path, policy_name: str) -> pathlib.Path:
 
     cfg = presets.get_preset("tiny")
     cfg.update(MICRO_MODEL)
+    data = pipeline.default_data_config()
+    data.standardize_audio = standardize_audio
     policy = Policy.named(policy_name)
     model = ConformerCTC(cfg, EXPORT_VOCAB, policy=policy, rngs=nnx.Rngs(params=1))
     masks.update_masks(model, 0, force=True)
@@ -60,6 +62,7 @@ def _micro_export(root: pathlib.Path, policy_name: str) -> pathlib.Path:
     export_format.write_export(
         model, root / "export", model_config=cfg, vocab_size=EXPORT_VOCAB, policy=policy,
         tokenizer_file=root / "tokenizer.model", step=3,
+        data=pipeline.serving_settings(data),
     )
     onnx_export.write_onnx(root / "export", root / "onnx", tokens=TOKENS)
     return root
@@ -163,6 +166,22 @@ def test_sherpa_onnx_decodes_the_export(onnx_runs, name):
             assert got == loaded.text(_greedy_ids(_served_log_probs(onnx_runs[name] / "export", wave)))
         texts.append(got)
     assert all(texts), texts  # random weights: non-blank argmax, non-empty text
+
+
+def test_with_standardize_audio_sherpa_onnx_decodes_audio_with_an_offset_as_the_served_model(tmp_path):
+    """sherpa-onnx standardizes the waveform before the model sees it; a run trained with
+    ``data.standardize_audio`` does too (host, device and ONNX front ends), so audio with a
+    DC offset and digital silence, as recorded corpora have, decodes to the served
+    transcript (without it the log floor sees sherpa's gain in the silence)."""
+    root = _micro_export(tmp_path, "float", standardize_audio=True)
+    onnx_dir = root / "onnx"
+    loaded = onnx_export.load_onnx(onnx_dir)
+    for seed, offset in ((0, 0.02), (1, -0.05)):
+        silence = np.zeros(3200, np.float32)
+        wave = np.concatenate([silence, _audio(1.0 + 0.4 * seed, seed), silence]) + np.float32(offset)
+        got = _sherpa_text(onnx_dir, wave)
+        assert got and got == loaded.text(_greedy_ids(_served_log_probs(root / "export", wave)))
+        assert got == loaded.text(_greedy_ids(_ort(onnx_dir / onnx_export.MODEL_FILE, wave)))
 
 
 def test_tampered_or_mismatched_files_are_clear_errors(onnx_runs, tmp_path):

@@ -111,7 +111,7 @@ def abstract_batch(config, batch_shardings: dict, frames: int | None = None) -> 
     spec = {
         "features": ((b, t, f), jnp.float32),
         "feature_mask": ((b, t), jnp.bool_),
-    } if not config.data.get("features_on_device", False) else {
+    } if not config.data.features_on_device else {
         "audio": ((b, pipeline.batch_samples(t, config.data)), jnp.int16),
         "num_samples": ((b,), jnp.int32),
     }

@@ -92,11 +92,16 @@ def save(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> path
 
 def load_saved(workdir: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """The config a run in `workdir` was trained with (its ``config.json``), with
-    `overrides`, validated. JSON lists come back as the tuples configs use."""
+    `overrides`, validated. JSON lists come back as the tuples configs use. Data keys added
+    since the run was saved take their defaults, which keep the behaviour from before
+    they existed (``data.features_on_device``, ``data.standardize_audio``: False)."""
     path = pathlib.Path(workdir) / SAVED_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{workdir}: no {SAVED_CONFIG_FILE} (not a training workdir?); pass --config")
-    config = ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    saved = _tuples(json.loads(path.read_text()))
+    if isinstance(saved.get("data"), dict):
+        saved["data"] = {**pipeline.default_data_config().to_dict(), **saved["data"]}
+    config = ml_collections.ConfigDict(saved)
     config.lock()
     apply_overrides(config, overrides)
     validate(config)

@@ -261,6 +261,11 @@ def _dft_basis(g: _Graph, fcfg: features_lib.FeatureConfig) -> str:
 def _front_end(g: _Graph, wave: str, fcfg: features_lib.FeatureConfig, norm: str) -> str:
     """waveform [N, S] -> features [N, T, F] as the prepared splits hold them, normalized
     per utterance (`usmqs.data.features.compute_log_mel`, `pipeline.normalize_features`)."""
+    if fcfg.standardize_audio:  # (x - mean) / std; a constant row stays x - mean
+        centred = g.op("Sub", wave, g.op("ReduceMean", wave, g.i64(1), keepdims=1))
+        std = g.op("Sqrt", g.op("ReduceMean", g.op("Mul", centred, centred), g.i64(1), keepdims=1))
+        zero = g.op("Equal", std, g.f32(0.0))
+        wave = g.op("Div", centred, g.op("Where", zero, g.f32(1.0), std))
     if fcfg.preemphasis:
         head = g.op("Slice", wave, g.i64(0), g.i64(1), g.i64(1))
         cur = g.op("Slice", wave, g.i64(1), g.i64(2**62), g.i64(1))

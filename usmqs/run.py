@@ -143,7 +143,7 @@ def batch_layout(config, *, labels: bool = True, audio: bool | None = None) -> t
     layout): audio + num_samples with ``data.features_on_device`` (or `audio`; `config`
     is read only when `audio` is None), else features + feature_mask; then labels +
     label_mask when `labels`."""
-    audio = config.data.get("features_on_device", False) if audio is None else audio
+    audio = config.data.features_on_device if audio is None else audio
     return (AUDIO_INPUTS if audio else FEATURE_INPUTS) + (LABEL_INPUTS if labels else ())
 
 

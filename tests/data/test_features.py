@@ -49,6 +49,19 @@ def test_matches_librosa(overrides):
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=0)
 
 
+def test_standardize_audio_makes_the_features_blind_to_offset_and_gain():
+    y = _noise(seed=2).astype(np.float64)
+    on = FeatureConfig(standardize_audio=True)
+    want = compute_log_mel((y - y.mean()) / y.std(), FeatureConfig())
+    for gain, offset in ((1.0, 0.0), (1.0, 0.05), (0.1, -0.2), (3.0, 0.01)):
+        np.testing.assert_allclose(compute_log_mel(gain * y + offset, on), want, atol=1e-5, rtol=0)
+    # Off (the default), an offset does change them: pre-emphasis only damps it.
+    off = compute_log_mel(y + 0.2, FeatureConfig()) - compute_log_mel(y, FeatureConfig())
+    assert np.abs(off).max() > 0.1
+    # Constant audio has no scale to remove: it becomes silence, not NaN.
+    assert np.isfinite(compute_log_mel(np.full(800, 0.3), on)).all()
+
+
 def test_preemphasis_is_applied_to_the_whole_signal():
     y = _noise(seed=1)
     pre = np.concatenate([y[:1], y[1:] - 0.97 * y[:-1]])

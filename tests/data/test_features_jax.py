@@ -21,6 +21,8 @@ from usmqs.data.specaugment import spec_augment
 CONFIGS = {
     "hann-htk-80": features_lib.FeatureConfig(),
     "povey-slaney-128": features_lib.FeatureConfig(window="povey", mel_scale="slaney", mel_norm="slaney", num_mel_bins=128),
+    # The mean over each row's own samples, not over its padding.
+    "standardize-audio": features_lib.FeatureConfig(standardize_audio=True),
 }
 # 0, fewer than a window, exactly one, one + a partial frame, frame boundaries, 1 s + 77.
 NOISE_LENGTHS = (0, 399, 400, 401, 559, 560, 561, 16077)
@@ -50,19 +52,21 @@ def test_log_mel_equals_the_host_features(small_corpus, name):
     feats, mask = jax.jit(lambda a, n: features_jax.log_mel(a, n, cfg))(audio, lengths)
     feats, mask = np.asarray(feats), np.asarray(mask)
     assert feats.shape[:2] == (len(rows), cfg.num_frames(audio.shape[1]))
-    diffs = []
+    diffs, levels = [], []
     for i, pcm in enumerate(rows):
         host = features_lib.compute_log_mel(pcm / 32768.0, cfg)  # float64 arithmetic
         t = host.shape[0]
         assert t == cfg.num_frames(len(pcm)) and mask[i].sum() == t and mask[i, :t].all()
         assert not feats[i, t:].any()  # invalid frames are 0
         diffs.append(np.abs(feats[i, :t] - host).ravel())
-    diffs = np.concatenate(diffs)
+        levels.append(host.ravel())
+    diffs, levels = np.concatenate(diffs), np.concatenate(levels)
     # float32 vs float64: the largest differences sit in the lowest mel bins of frames
-    # where they are ~90 dB below the frame's peak (log-mel ~ -18); the float16 cache
-    # itself is 8e-3 off the float64 features.
-    print(f"{name}: max |jax - host| = {diffs.max():.2e}, 99.9% within {np.quantile(diffs, 0.999):.2e}")
-    assert diffs.max() < 3e-3
+    # where they are ~90 dB below the frame's peak (log-mel below -15: float32 FFT
+    # rounding); the float16 cache itself is 8e-3 off the float64 features.
+    print(f"{name}: max |jax - host| = {diffs.max():.2e} ({diffs[levels > -15].max():.2e} above -15), "
+          f"99.9% within {np.quantile(diffs, 0.999):.2e}")
+    assert diffs[levels > -15].max() < 1e-3
     assert np.quantile(diffs, 0.999) < 2e-4
 
 

@@ -2,6 +2,11 @@
 
 For a mono waveform ``x[n]`` at ``sample_rate`` Hz (float32, nominally in [-1, 1]):
 
+0. With ``standardize_audio`` (off by default): ``x = (x - mean(x)) / std(x)`` over the
+   utterance (``x - mean(x)`` when it is constant). sherpa-onnx's raw-waveform path
+   standardizes the waveform this way before the model sees it, and standardizing twice
+   is standardizing once, so a run trained with it decodes there as it does here: no DC
+   offset, and no gain that the log floor would see (README "ONNX").
 1. Pre-emphasis over the whole signal (not per frame as Kaldi does):
    ``y[0] = x[0]``, ``y[n] = x[n] - a * x[n-1]`` with ``a = preemphasis`` (0 disables it).
 2. Framing without centering/padding: frame ``t`` holds ``y[t*hop : t*hop + win]`` where
@@ -74,6 +79,7 @@ class FeatureConfig:
     fmin: float = 0.0  # Hz, lower edge of the lowest triangle
     fmax: float | None = None  # Hz, upper edge of the highest triangle; None = sample_rate/2
     log_floor: float = 1e-10  # log(max(mel_energy, log_floor))
+    standardize_audio: bool = False  # zero mean, unit variance per utterance first (step 0)
 
     def __post_init__(self):
         # Coerce strings to enums so configs can say window="povey".
@@ -192,6 +198,11 @@ def compute_log_mel(audio: np.ndarray, config: FeatureConfig) -> np.ndarray:
     if audio.ndim != 1:
         raise ValueError(f"audio must be mono [N], got shape {audio.shape}")
     x = audio.astype(np.float64)
+    if config.standardize_audio and x.size:
+        x = x - x.mean()
+        std = np.sqrt(np.mean(np.square(x)))
+        if std > 0:
+            x = x / std
     if config.preemphasis:
         x = np.concatenate([x[:1], x[1:] - config.preemphasis * x[:-1]])
     t = num_frames(x.shape[0], config)

@@ -154,6 +154,10 @@ def default_data_config() -> ml_collections.ConfigDict:
             # dev split when the embedded corpus is used, else none.
             dev_manifest="",
             num_mel_bins=80,  # F; other front-end parameters are FeatureConfig defaults
+            # Standardize each utterance's waveform (zero mean, unit variance) before the
+            # log-mel, as sherpa-onnx's raw-waveform path does: runs trained with it decode
+            # there exactly, also audio with a DC offset (README "ONNX").
+            standardize_audio=False,
             vocab_size=128,  # sentencepiece size request incl. <blank>=0 and <unk>=1 (soft)
             tokenizer_type="unigram",  # 'unigram' | 'bpe' | 'char'
             batch_size=16,  # global batch (all processes); each process gets batch_size/P
@@ -213,10 +217,9 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.on_bad_input must be 'skip' or 'error', got {cfg.on_bad_input!r}")
     if cfg.tokenizer_type not in MODEL_TYPES:
         raise ValueError(f"data.tokenizer_type must be one of {MODEL_TYPES}, got {cfg.tokenizer_type!r}")
-    # .get: a run's config.json from before the key existed lacks it (= False).
-    on_device = cfg.get("features_on_device", False)
-    if not isinstance(on_device, bool):
-        raise ValueError(f"data.features_on_device must be True or False, got {on_device!r}")
+    for key in ("features_on_device", "standardize_audio"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"data.{key} must be True or False, got {cfg[key]!r}")
     if cfg.feature_norm not in ("utterance", "none"):
         raise ValueError(f"data.feature_norm must be 'utterance' or 'none', got {cfg.feature_norm!r}")
     factor = int(cfg.subsampling_factor)
@@ -231,8 +234,11 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
 
 
 def feature_config(cfg: ml_collections.ConfigDict) -> features_lib.FeatureConfig:
-    """The front end for a data config: ``FeatureConfig`` defaults with its mel bins."""
-    return features_lib.FeatureConfig(sample_rate=SAMPLE_RATE, num_mel_bins=int(cfg.num_mel_bins))
+    """The front end for a data config: ``FeatureConfig`` defaults with its mel bins and
+    ``standardize_audio``."""
+    return features_lib.FeatureConfig(
+        sample_rate=SAMPLE_RATE, num_mel_bins=int(cfg.num_mel_bins), standardize_audio=cfg.standardize_audio,
+    )
 
 
 def stored_log_mel(audio: np.ndarray, fcfg: features_lib.FeatureConfig) -> np.ndarray:
@@ -267,6 +273,7 @@ def data_config_from_serving(
     cfg.update(values)
     validate_data_config(cfg)
     fcfg = features_lib.FeatureConfig(**settings["features"])
+    cfg.standardize_audio = fcfg.standardize_audio  # a front-end field: stored with the features
     if fcfg.num_mel_bins != cfg.num_mel_bins:
         raise ValueError(f"features have {fcfg.num_mel_bins} mel bins, num_mel_bins is {cfg.num_mel_bins}")
     return cfg, fcfg
@@ -554,7 +561,7 @@ def _read_items(manifest_path, cfg) -> tuple[str, str, list, bytes, list[str]]:
     (`SkippedLine`) in file order, or a split's records (`tfds_source.TfdsRecord`),
     which are parsed when prepared."""
     if tfds_source.is_tfds(manifest_path):
-        source = tfds_source.open_split(manifest_path, cfg.get("tfds_data_dir", ""))
+        source = tfds_source.open_split(manifest_path, cfg.tfds_data_dir)
         return source.source, source.stem, source.records(), source.digest(), list(source.files)
     manifest = os.path.abspath(os.fspath(manifest_path))
     digest = hashlib.sha256(Path(manifest).read_bytes()).digest()
@@ -567,7 +574,7 @@ def manifest_transcripts(manifest_path, cfg) -> list[str]:
     """The raw transcripts of a manifest or ``tfds:`` split (malformed lines left out):
     what a tokenizer is trained on."""
     if tfds_source.is_tfds(manifest_path):
-        return list(tfds_source.open_split(manifest_path, cfg.get("tfds_data_dir", "")).transcripts())
+        return list(tfds_source.open_split(manifest_path, cfg.tfds_data_dir).transcripts())
     rows, _ = read_manifest(manifest_path, on_error="skip")
     return [r.text for r in rows]
 
@@ -836,7 +843,7 @@ def prepare_split(
       tfds_source.TfdsError: a ``tfds:`` value that names no prepared split.
     """
     manifest, stem, items, digest, files = _read_items(manifest_path, cfg)
-    audio = bool(cfg.get("features_on_device", False) if store_audio is None else store_audio)
+    audio = bool(cfg.features_on_device if store_audio is None else store_audio)
     limits = _Limits(int(cfg.max_frames), int(cfg.subsampling_factor), bool(train), audio)
     key = _cache_key(manifest, digest, files, tokenizer, feature_config(cfg), limits)
     cache = Path(cache_dir)
