@@ -157,13 +157,15 @@ def bench_preset(preset: str, args) -> dict:
     import jax
     from flax import nnx
 
+    from usmqs import onnx_export
+
     root = pathlib.Path(tempfile.mkdtemp(prefix=f"usmqs-serve-bench-{preset}-"))
     try:
         float_model, dirs = _write_models(preset, args.vocab, root)
         sizes = {"jax_checkpoint_fp32_params": _folder_bytes(root / "checkpoint_params")}
         for name, d in dirs.items():
             sizes[f"export_{name}"] = _folder_bytes(d / "export")
-            sizes[f"onnx_{name}"] = (d / "onnx" / "model.onnx").stat().st_size
+            sizes[f"onnx_{name}"] = (d / "onnx" / onnx_export.MODEL_FILE).stat().st_size
         engines = _engines(float_model, dirs)
         waves = _audio(args.utterances, args.seconds)
         audio_s = len(waves) * args.seconds

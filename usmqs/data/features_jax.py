@@ -72,7 +72,7 @@ def log_mel(
         count = jnp.maximum(num_samples[:, None], 1).astype(jnp.float32)
         x = jnp.where(valid, x - jnp.sum(jnp.where(valid, x, 0.0), axis=1, keepdims=True) / count, 0.0)
         std = jnp.sqrt(jnp.sum(jnp.square(x), axis=1, keepdims=True) / count)
-        x = jnp.where(std > 0, x / jnp.where(std > 0, std, 1.0), x)
+        x = x / jnp.where(std > 0, std, 1.0)  # a constant row stays x - mean
     if config.preemphasis:
         x = jnp.concatenate([x[:, :1], x[:, 1:] - jnp.float32(config.preemphasis) * x[:, :-1]], axis=1)
     count = features_lib.num_frames(x.shape[1], config)
