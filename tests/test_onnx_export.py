@@ -112,8 +112,9 @@ def _sherpa_text(onnx_dir: pathlib.Path, wave: np.ndarray) -> str:
 
 def test_onnx_runtime_computes_the_served_log_probs(onnx_runs):
     """The graph's own arithmetic (ORT without graph rewrites) is the served model's, for
-    every compression kind of MIXED_RULES; at ORT's defaults DequantizeLinear -> MatMul
-    becomes MatMulNBits with int8 activations: close, not equal."""
+    every compression kind of MIXED_RULES, and stays so at ORT's defaults: MatMulNBits at
+    accuracy level 0 multiplies in float32, and no DequantizeLinear -> MatMul is left for
+    ORT to rewrite into int8-activation kernels."""
     wave = _audio(1.3, seed=0)
     ref = _served_log_probs(onnx_runs["mixed_export"], wave)
     model = onnx_runs["mixed"] / "onnx" / onnx_export.MODEL_FILE
@@ -122,20 +123,36 @@ def test_onnx_runtime_computes_the_served_log_probs(onnx_runs):
     # Features computed in float32 here, float64 in the pipeline, can round to neighbouring
     # float16 values (the storage dtype): a few 1e-3 at most.
     np.testing.assert_allclose(exact, ref, atol=5e-3, rtol=0)
-    fused = _ort(model, wave)
-    assert np.abs(fused - ref).max() < 0.2
-    assert (fused.argmax(-1) == ref.argmax(-1)).mean() >= 0.85
+    np.testing.assert_allclose(_ort(model, wave), ref, atol=5e-3, rtol=0)
+    for name in POLICIES:  # at ORT's defaults
+        ref = _served_log_probs(onnx_runs[name] / "export", wave)
+        np.testing.assert_allclose(_ort(onnx_runs[name] / "onnx" / onnx_export.MODEL_FILE, wave), ref, atol=5e-3, rtol=0)
+    nodes = onnx.load(str(model)).graph.node
+    assert not any(n.op_type == "MatMul" and n.input[1] in {d.output[0] for d in nodes if d.op_type == "DequantizeLinear"}
+                   for n in nodes)
+
+
+def _nbits_codes(model, node) -> np.ndarray:
+    """A MatMulNBits node's codes, unpacked to one unsigned value per weight ([N, K'])."""
+    inits = {t.name: t for t in model.graph.initializer}
+    b = onnx.numpy_helper.to_array(inits[node.input[1]])
+    if onnx.helper.get_node_attr_value(node, "bits") == 4:
+        b = np.stack([b & 0xF, b >> 4], -1)
+    return b.reshape(b.shape[0], -1)
 
 
 def test_integer_weights_stay_integers_and_sizes_are_reported(onnx_runs):
-    for name, want in (("int8", onnx.TensorProto.INT8), ("int4", onnx.TensorProto.INT4), ("int4+2:4", onnx.TensorProto.INT4)):
+    for name, bits, conv in (("int8", 8, onnx.TensorProto.INT8), ("int4", 4, onnx.TensorProto.INT4),
+                             ("int4+2:4", 4, onnx.TensorProto.INT4)):
         model = onnx.load(str(onnx_runs[name] / "onnx" / onnx_export.MODEL_FILE))
         inits = {t.name: t for t in model.graph.initializer}
-        codes = [inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"]
-        assert codes and {t.data_type for t in codes} == {want}, name
-        if name == "int4+2:4":  # pruned entries: exact zero codes (symmetric), 2 of every 4
-            q = onnx.numpy_helper.to_array(codes[-1]).astype(np.int8)
-            assert (q == 0).mean() >= 0.5
+        matmuls = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert matmuls and {onnx.helper.get_node_attr_value(n, "bits") for n in matmuls} == {bits}, name
+        assert all(onnx.helper.get_node_attr_value(n, "accuracy_level") == 0 for n in matmuls)
+        codes = [inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"]  # convs
+        assert codes and {t.data_type for t in codes} == {conv}, name
+        if name == "int4+2:4":  # pruned entries: codes at the zero point (8), 2 of every 4
+            assert (_nbits_codes(model, matmuls[-1]) == 8).mean() >= 0.5
     sizes = {n: json.loads((onnx_runs[n] / "onnx" / onnx_export.SIZE_FILE).read_text()) for n in POLICIES}
     assert sizes["int4"]["bytes"]["int4_codes"] > 0 and sizes["int8"]["bytes"]["int8_codes"] > 0
     assert sizes["int4"]["file_bytes"] < sizes["int8"]["file_bytes"] < sizes["float"]["file_bytes"]
@@ -145,25 +162,20 @@ def test_integer_weights_stay_integers_and_sizes_are_reported(onnx_runs):
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_sherpa_onnx_decodes_the_export(onnx_runs, name):
-    """sherpa-onnx at its defaults decodes model.onnx + tokens.txt as ORT does; for the
-    float model that is the served model's greedy transcript. Compressed models run
-    ORT's fused MatMulNBits (int8 activations) in both, but sherpa-onnx carries its own
-    ORT build and standardizes in its own float32 arithmetic, and an untrained model's
-    argmax margins are tiny: there the texts must agree to a small character error."""
+    """sherpa-onnx at its defaults decodes model.onnx + tokens.txt to the served model's
+    greedy transcript. It standardizes the waveform in its own float32 arithmetic, which
+    moves the features' float16 rounding: log-probs within the few 1e-3 above, and an
+    untrained model has frames whose top two log-probs are closer than that, so compressed
+    models may differ in a character or two here (the float model happens not to). On a
+    trained model the transcripts are the served ones (README: bench/sherpa_wer.py)."""
     onnx_dir = onnx_runs[name] / "onnx"
     loaded = onnx_export.load_onnx(onnx_dir)
     texts = []
     for seed in range(2):
         wave = _audio(1.0 + 0.4 * seed, seed)
         got = _sherpa_text(onnx_dir, wave)
-        standardized = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-5)
-        want = loaded.text(_greedy_ids(_ort(onnx_dir / onnx_export.MODEL_FILE, standardized)))
-        if name == "float":
-            assert got == want
-        else:
-            assert jiwer.cer(want, got) <= 0.25, (want, got)
-        if name == "float":
-            assert got == loaded.text(_greedy_ids(_served_log_probs(onnx_runs[name] / "export", wave)))
+        want = loaded.text(_greedy_ids(_served_log_probs(onnx_runs[name] / "export", wave)))
+        assert got == want if name == "float" else jiwer.cer(want, got) <= 0.15, (want, got)
         texts.append(got)
     assert all(texts), texts  # random weights: non-blank argmax, non-empty text
 
@@ -216,3 +228,34 @@ def test_tampered_or_mismatched_files_are_clear_errors(onnx_runs, tmp_path):
     shutil.copy(onnx_runs["int8"] / "onnx" / onnx_export.MODEL_FILE, d / onnx_export.MODEL_FILE)
     with pytest.raises(OnnxExportError, match="sha256 differs"):
         onnx_export.load_onnx(d)
+
+
+@pytest.mark.parametrize("k", [256, 144])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4_asym_blocked", "int2_asym"])
+def test_each_quantized_matmul_form_computes_the_dequantized_product(k, kind):
+    """A quantized Dense kernel runs as MatMulNBits (K = 256: its blocks cost a few bytes
+    more) or as a float32 matmul of DequantizeLinear(kernel^T) (K = 144: MatMulNBits would
+    cost ~40 % more); either way ONNX Runtime at its defaults computes x @ ((q - z) * s)."""
+    rng = np.random.default_rng(k)
+    n, groups = 24, (4 if kind == "int4_asym_blocked" else 1)
+    bits = {"int8": 8, "int4": 4, "int4_asym_blocked": 4, "int2_asym": 2}[kind]
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    q = rng.integers(lo, hi + 1, size=(k, n)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.1, size=(groups, n)).astype(np.float32)
+    zp = rng.integers(lo, hi + 1, size=(groups, n)).astype(np.int8) if "asym" in kind else None
+    w = onnx_export._Weight(q, bits, scale, zp)
+    g = onnx_export._Graph()
+    nbits = onnx_export._matmul_nbits(g, "x", w, "k")
+    y = nbits or onnx_export._matmul_dequantized_left(g, "x", w, "k", rank=3)
+    assert (nbits is not None) == (k == 256)
+    g.nodes.append(onnx.helper.make_node("Identity", [y], ["y"]))
+    graph = onnx.helper.make_graph(
+        g.nodes, "t", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "T", k])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "T", n])], g.inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", onnx_export.OPSET),
+                                                         onnx.helper.make_opsetid(onnx_export.CONTRIB_DOMAIN, 1)])
+    model.ir_version = onnx_export.IR_VERSION
+    x = rng.normal(size=(1, 7, k)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    weight = (q.astype(np.float64) - (0 if zp is None else np.repeat(zp, k // groups, 0))) * np.repeat(scale, k // groups, 0)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ weight, rtol=0, atol=1e-5 * np.abs(x @ weight).max())

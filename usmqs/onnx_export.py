@@ -28,11 +28,16 @@ the standardization cannot give back is the waveform's DC offset; pre-emphasis r
 frame (no ``T // subsampling_factor`` truncation as in its NeMo path), and sherpa-onnx
 decodes it one stream at a time.
 
-Weights: a quantized kernel is an INT8 (8-bit) or INT4 (4- and 2-bit codes; ONNX Runtime
-has no 2-bit type) initializer followed by ``DequantizeLinear`` -- per output channel,
-or blocked along the input axis for sub-channel scales, with the zero point of an
-asymmetric layer -- whose output ``(q - z) * scale`` is the evaluation's weight. Pruned
-entries are codes equal to the zero point: exact zeros. N:M layers are stored dense
+Weights: a quantized matmul kernel is ONNX Runtime's ``MatMulNBits`` (com.microsoft):
+4-bit (int4 and int2 codes; there is no 2-bit CPU kernel) or 8-bit unsigned codes in
+blocks along the input axis, a float32 scale per block (the layer's per-channel or
+sub-channel scale, repeated) and the zero point of an asymmetric layer, at accuracy level
+0: the kernel computes ``(q - z) * scale``, the evaluation's weight, in float32
+(`ACCURACY_LEVEL` says why not int8 activations). A quantized conv kernel (and a matmul
+kernel whose scale groups no MatMulNBits block tiles) is an INT8 or INT4 initializer
+followed by ``DequantizeLinear`` -- per output channel, or blocked along the input axis
+for sub-channel scales, with the zero point -- giving the same weight. Pruned entries
+are codes equal to the zero point: exact zeros. N:M layers are stored dense
 (ONNX Runtime has no N:M sparse kernel). Float layers (norms, biases, int16 and float N:M
 kernels, decoded) are float32 initializers. Blocks are unrolled (one set of initializers
 per layer) rather than a Loop over stacked weights.
@@ -66,6 +71,7 @@ MODEL_FILE = "model.onnx"
 TOKENS_FILE = "tokens.txt"
 SIZE_FILE = "size.json"
 OPSET = 21  # INT4 and blocked DequantizeLinear
+CONTRIB_DOMAIN = "com.microsoft"  # MatMulNBits
 IR_VERSION = 10  # what ONNX Runtime 1.20+ (sherpa-onnx 2.0.1 carries 1.28) loads
 INPUT, OUTPUT = "waveform", "log_probs"
 MODEL_TYPE = "usmqs-conformer-ctc"
@@ -140,10 +146,7 @@ class _Weight:
 
 def _int4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
     """An INT4 initializer: two's complement nibbles, element 0 in the low nibble."""
-    flat = codes.reshape(-1).astype(np.int16) & 0xF
-    if flat.size % 2:
-        flat = np.append(flat, 0)
-    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    packed = _nibbles(codes.reshape(-1).astype(np.int16) & 0xF)
     return helper.make_tensor(name, TensorProto.INT4, codes.shape, packed.tobytes(), raw=True)
 
 
@@ -197,6 +200,76 @@ def _emit_weight(g: _Graph, w: _Weight, name: str) -> str:
     return g.op("DequantizeLinear", *inputs, hint=name, **attrs)
 
 
+# MatMulNBits (ONNX Runtime's com.microsoft contrib op): the block lengths its CPU kernels
+# take, the accuracy level written into every node, and how many more bytes than the
+# DequantizeLinear form its layout may cost. Level 0 dequantizes each block of integer
+# codes to float32 inside the kernel and multiplies in float32, so the result is the
+# served model's up to summation order. Left to itself, ONNX Runtime rewrites
+# DequantizeLinear -> MatMul into MatMulNBits at level 4 (int8 activations): on a trained
+# tiny int4+2:4 run, 375 of 400 test transcripts through sherpa-onnx were the served ones
+# that way, 400 of 400 at level 0 (README "Deploying with sherpa-onnx"). Its layout pads
+# the input axis to whole blocks and repeats a float32 scale per block: a few percent on
+# dimensions like 256 or 1024, up to 40 % for tiny's 144.
+NBITS_BLOCKS = (16, 32, 64, 128, 256)
+ACCURACY_LEVEL = 0
+NBITS_MAX_EXTRA_BYTES = 1 / 16
+
+
+def _nbits_layout(w: _Weight) -> tuple[int, int] | None:
+    """(bits, block) of the MatMulNBits form of a quantized [K, N] kernel: 4-bit codes
+    where codes and zero points fit [-8, 7] (int4, int2), else 8-bit; the block length of
+    fewest bytes per output channel (codes padded to whole blocks + a float32 scale per
+    block) among those that tile the kernel's scale groups along K. None where no block
+    tiles them or the bytes exceed the DequantizeLinear form's by `NBITS_MAX_EXTRA_BYTES`."""
+    k, n = w.value.shape
+    groups = w.scale.size // n
+    fits4 = all(a is None or (a.min(initial=0) >= -8 and a.max(initial=0) <= 7) for a in (w.value, w.zero_point))
+    bits = 4 if w.bits <= 4 and fits4 else 8
+    blocks = [b for b in NBITS_BLOCKS if groups == 1 or (k // groups) % b == 0]
+    if not blocks:
+        return None
+    cost = {b: -(-k // b) * (b * bits // 8 + 4) for b in blocks}
+    block = min(blocks, key=cost.get)
+    dq_bytes = k * bits / 8 + 4 * groups  # DequantizeLinear: the codes, a scale per group
+    return (bits, block) if cost[block] <= (1 + NBITS_MAX_EXTRA_BYTES) * dq_bytes else None
+
+
+def _nibbles(a: np.ndarray) -> np.ndarray:
+    """Pairs along the last axis in one byte each, element 0 in the low nibble."""
+    if a.shape[-1] % 2:
+        a = np.concatenate([a, np.zeros(a.shape[:-1] + (1,), a.dtype)], -1)
+    return (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _matmul_nbits(g: _Graph, x: str, w: _Weight, name: str) -> str | None:
+    """``x @ kernel`` as MatMulNBits at `ACCURACY_LEVEL`, or None where the kernel's scale
+    groups have no MatMulNBits layout. Codes become unsigned (q + 2^(bits-1)) with that
+    offset as the default zero point, or the layer's zero point + the offset; padding to
+    whole blocks repeats the zero point (weight 0). Scales repeat per block of a group."""
+    layout = _nbits_layout(w)
+    if layout is None:
+        return None
+    bits, block = layout
+    (k, n), offset = w.value.shape, 1 << (bits - 1)
+    nblocks = -(-k // block)
+    group_of_block = np.arange(nblocks) * block // (k // (w.scale.size // n))
+    scales = np.asarray(w.scale, np.float32).reshape(-1, n)[group_of_block].T  # [N, blocks]
+    zp = None
+    if w.zero_point is not None:
+        zp = (np.asarray(w.zero_point).reshape(-1, n)[group_of_block].T.astype(np.int16) + offset)  # [N, blocks]
+    codes = np.empty((n, nblocks * block), np.int16)
+    codes[:, :k] = w.value.T.astype(np.int16) + offset
+    codes[:, k:] = offset if zp is None else zp[:, -1:]
+    codes = codes.astype(np.uint8).reshape(n, nblocks, block)
+    inputs = [x, g.const(_nibbles(codes) if bits == 4 else codes, name + "_codes"),
+              g.const(scales.reshape(-1), name + "_scales")]
+    if zp is not None:
+        zp = zp.astype(np.uint8)
+        inputs.append(g.const((_nibbles(zp) if bits == 4 else zp).reshape(-1), name + "_zero_points"))
+    return g.op("MatMulNBits", *inputs, hint=name, domain=CONTRIB_DOMAIN, K=k, N=n, bits=bits,
+                block_size=block, accuracy_level=ACCURACY_LEVEL)
+
+
 class _Weights:
     """The export's tensors by name, one stacked layer at a time (`layer` index)."""
 
@@ -218,17 +291,16 @@ class _Weights:
         zp = None if v.zero_point is None else np.asarray(v.zero_point)
         return _Weight(np.asarray(v.codes()), v.layout.value_bits, np.asarray(v.scale), zp)
 
-    def dense(self, g: _Graph, prefix: str, layer: int | None = None) -> tuple[str, str | None]:
-        """(kernel [in, out] value, bias [out] or None) of a Dense layer; split-out kernels
+    def dense(self, prefix: str, layer: int | None = None) -> tuple[_Weight, np.ndarray | None]:
+        """(kernel [in, out], bias [out] or None) of a Dense layer; split-out kernels
         [D, a, b] are flattened to [D, a*b] (head-major, as the model reshapes)."""
         w = self(f"{prefix}/kernel", layer)
         if w.value.ndim > 2:
             w = w.transformed(lambda a: a.reshape(a.shape[0], -1))
-        kernel = _emit_weight(g, w, prefix.replace("/", "_"))
         bias = None
         if f"{prefix}/bias" in self.records:
-            bias = g.const(self(f"{prefix}/bias", layer).value.reshape(-1), prefix.replace("/", "_") + "_b")
-        return kernel, bias
+            bias = self(f"{prefix}/bias", layer).value.reshape(-1)
+        return w, bias
 
     def conv(self, g: _Graph, prefix: str, perm: tuple[int, ...], layer: int | None = None) -> tuple[str, str]:
         """(kernel in ONNX's [out, in, *window] layout, bias) of a Conv layer."""
@@ -301,10 +373,26 @@ def _layer_norm(g: _Graph, x: str, w: _Weights, prefix: str, layer: int | None, 
     return g.op("Mul", g.op("Div", x, g.op("Sqrt", g.op("Add", ms, g.f32(1e-6)))), scale)
 
 
-def _linear(g: _Graph, x: str, w: _Weights, prefix: str, layer: int | None = None) -> str:
-    kernel, bias = w.dense(g, prefix, layer)
-    y = g.op("MatMul", x, kernel)
-    return y if bias is None else g.op("Add", y, bias)
+def _matmul_dequantized_left(g: _Graph, x: str, w: _Weight, name: str, rank: int) -> str:
+    """``x @ kernel`` as ``(DequantizeLinear(kernel^T) @ x^T)^T``: exact float32 weights
+    and a float32 matmul. (ONNX Runtime rewrites DequantizeLinear into MatMulNBits with
+    int8 activations only where it feeds a MatMul's second input.)"""
+    wt = _emit_weight(g, w.transformed(lambda a: np.ascontiguousarray(a.T)), name)
+    perm = [1, 0] if rank == 2 else [0, 2, 1]
+    return g.op("Transpose", g.op("MatMul", wt, g.op("Transpose", x, perm=perm)), perm=perm)
+
+
+def _linear(g: _Graph, x: str, w: _Weights, prefix: str, layer: int | None = None, rank: int = 3) -> str:
+    """A Dense layer on `x` of `rank` (the features last): float kernels as MatMul, quantized
+    ones as MatMulNBits where its layout costs at most `NBITS_MAX_EXTRA_BYTES` more bytes,
+    else as a float32 matmul of the dequantized kernel."""
+    kernel, bias = w.dense(prefix, layer)
+    name = prefix.replace("/", "_")
+    if kernel.bits is None:
+        y = g.op("MatMul", x, g.const(kernel.value.astype(np.float32), name))
+    else:
+        y = _matmul_nbits(g, x, kernel, name) or _matmul_dequantized_left(g, x, kernel, name, rank)
+    return y if bias is None else g.op("Add", y, g.const(bias, name + "_b"))
 
 
 def _swish(g: _Graph, x: str) -> str:
@@ -357,7 +445,7 @@ def _attention(g: _Graph, x: str, pos: str, w: _Weights, cfg: ConformerConfig, i
     q = _heads(g, _linear(g, y, w, "blocks/attn/q", i), n, h)
     k = _heads(g, _linear(g, y, w, "blocks/attn/k", i), n, h)
     v = _heads(g, _linear(g, y, w, "blocks/attn/v", i), n, h)
-    p = g.op("Transpose", g.op("Reshape", _linear(g, pos, w, "blocks/attn/pos", i), g.i64(0, n, h)), perm=[1, 2, 0])
+    p = g.op("Transpose", g.op("Reshape", _linear(g, pos, w, "blocks/attn/pos", i, rank=2), g.i64(0, n, h)), perm=[1, 2, 0])
     scale = g.f32(1.0 / math.sqrt(h))
     bias_u = g.const(w("blocks/attn/pos_bias_u", i).value[:, None, :], "pos_bias_u")  # [n, 1, h]
     bias_v = g.const(w("blocks/attn/pos_bias_v", i).value[:, None, :], "pos_bias_v")
@@ -443,7 +531,8 @@ def build_model(meta: dict, stored: dict, *, source: pathlib.Path, tokens_sha256
         [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["N", "num_frames", vocab])],
         g.inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="usmqs")
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB_DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="usmqs")
     model.ir_version = IR_VERSION
     props = {
         "model_type": MODEL_TYPE, "vocab_size": str(vocab), "subsampling_factor": str(SUBSAMPLING_FACTOR),
@@ -476,22 +565,24 @@ def _sha256(data: bytes) -> str:
 def size_report(model: onnx.ModelProto, model_bytes: int, packed_report: dict) -> dict:
     """Byte accounting of model.onnx (its size.json): initializer payload by kind --
     ``int8_codes``, ``int4_codes`` (two per byte), ``scales``, ``zero_points`` (the inputs
-    of DequantizeLinear), ``float`` (every other initializer) -- and ``graph`` (the
+    of DequantizeLinear and MatMulNBits), ``float`` (every other initializer) -- and ``graph`` (the
     protobuf around them: nodes, names, shapes). ``fp32_bytes`` = 4 x the model's
     parameters (the packed export's count); ``size_ratio = file_bytes / fp32_bytes``."""
     inits = {t.name: t for t in model.graph.initializer}
     role = {}
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear":
-            for name, kind in zip(node.input, ("codes", "scales", "zero_points")):
-                role[name] = kind
+            names, four = node.input, inits[node.input[0]].data_type == TensorProto.INT4
+        elif node.op_type == "MatMulNBits":
+            names, four = node.input[1:], helper.get_node_attr_value(node, "bits") == 4
+        else:
+            continue
+        for name, kind in zip(names, ("int4_codes" if four else "int8_codes", "scales", "zero_points")):
+            role[name] = kind
     parts = dict.fromkeys(("int8_codes", "int4_codes", "scales", "zero_points", "float"), 0)
     for name, t in inits.items():
         n = len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
-        kind = role.get(name, "float")
-        if kind == "codes":
-            kind = "int4_codes" if t.data_type == TensorProto.INT4 else "int8_codes"
-        parts[kind] += n
+        parts[role.get(name, "float")] += n
     parts["graph"] = model_bytes - sum(parts.values())
     fp32 = int(packed_report["fp32_bytes"])
     return {
