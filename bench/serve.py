@@ -14,7 +14,8 @@ as a float, an int8 and an int4 packed export (`export_format.write_export`, as
 * ``jax_export_{float,int8,int4}``: `export.load_export` (host features, then the served
   forward that decodes the packed kernels layer by layer);
 * ``ort_{fp32,int8,int4}``: ONNX Runtime on model.onnx at its default optimization level
-  (waveform in: the graph computes the front end; int8/int4 run as MatMulNBits);
+  (waveform in: the graph computes the front end; quantized matmuls as MatMulNBits or
+  dequantized float32 matmuls, `onnx_export._linear`);
 * ``sherpa_onnx_{fp32,int8}``: `sherpa_onnx.OfflineRecognizer.from_omnilingual_asr_ctc`
   at its defaults except `num_threads` (= this machine's cores), greedy decoding included.
 
