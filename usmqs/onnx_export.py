@@ -33,11 +33,12 @@ Weights: a quantized matmul kernel is ONNX Runtime's ``MatMulNBits`` (com.micros
 blocks along the input axis, a float32 scale per block (the layer's per-channel or
 sub-channel scale, repeated) and the zero point of an asymmetric layer, at accuracy level
 0: the kernel computes ``(q - z) * scale``, the evaluation's weight, in float32
-(`ACCURACY_LEVEL` says why not int8 activations). A quantized conv kernel (and a matmul
-kernel whose scale groups no MatMulNBits block tiles) is an INT8 or INT4 initializer
-followed by ``DequantizeLinear`` -- per output channel, or blocked along the input axis
-for sub-channel scales, with the zero point -- giving the same weight. Pruned entries
-are codes equal to the zero point: exact zeros. N:M layers are stored dense
+(`ACCURACY_LEVEL` says why not int8 activations), where that layout costs at most
+`NBITS_MAX_EXTRA_BYTES` more than codes + scales. Other quantized kernels are INT8 or
+INT4 initializers followed by ``DequantizeLinear`` -- per output channel, or blocked along
+the input axis for sub-channel scales, with the zero point -- giving the same weight: a
+matmul kernel transposed and multiplied from the left (`_matmul_dequantized_left`), a
+conv kernel into Conv. Pruned entries are codes equal to the zero point: exact zeros. N:M layers are stored dense
 (ONNX Runtime has no N:M sparse kernel). Float layers (norms, biases, int16 and float N:M
 kernels, decoded) are float32 initializers. Blocks are unrolled (one set of initializers
 per layer) rather than a Loop over stacked weights.
@@ -205,11 +206,10 @@ def _emit_weight(g: _Graph, w: _Weight, name: str) -> str:
 # DequantizeLinear form its layout may cost. Level 0 dequantizes each block of integer
 # codes to float32 inside the kernel and multiplies in float32, so the result is the
 # served model's up to summation order. Left to itself, ONNX Runtime rewrites
-# DequantizeLinear -> MatMul into MatMulNBits at level 4 (int8 activations): on a trained
-# tiny int4+2:4 run, 375 of 400 test transcripts through sherpa-onnx were the served ones
-# that way, 400 of 400 at level 0 (README "Deploying with sherpa-onnx"). Its layout pads
-# the input axis to whole blocks and repeats a float32 scale per block: a few percent on
-# dimensions like 256 or 1024, up to 40 % for tiny's 144.
+# DequantizeLinear -> MatMul into MatMulNBits at level 4 (int8 activations), which
+# changed some transcripts of trained models (README "Deploying with sherpa-onnx"). The
+# layout pads the input axis to whole blocks and repeats a float32 scale per block: a few
+# percent more bytes on dimensions like 256 or 1024, ~40 % on `tiny`'s 144.
 NBITS_BLOCKS = (16, 32, 64, 128, 256)
 ACCURACY_LEVEL = 0
 NBITS_MAX_EXTRA_BYTES = 1 / 16
@@ -242,8 +242,8 @@ def _nibbles(a: np.ndarray) -> np.ndarray:
 
 
 def _matmul_nbits(g: _Graph, x: str, w: _Weight, name: str) -> str | None:
-    """``x @ kernel`` as MatMulNBits at `ACCURACY_LEVEL`, or None where the kernel's scale
-    groups have no MatMulNBits layout. Codes become unsigned (q + 2^(bits-1)) with that
+    """``x @ kernel`` as MatMulNBits at `ACCURACY_LEVEL`, or None where `_nbits_layout`
+    finds no layout. Codes become unsigned (q + 2^(bits-1)) with that
     offset as the default zero point, or the layer's zero point + the offset; padding to
     whole blocks repeats the zero point (weight 0). Scales repeat per block of a group."""
     layout = _nbits_layout(w)
