@@ -242,6 +242,53 @@ def test_an_interrupted_moved_study_resumes_from_its_checkpoint(demo_study, tmp_
     assert resumed["cache_hits"] > 0  # the persistent compilation cache served its programs
 
 
+def test_a_budget_added_to_a_finished_study_trains_only_its_mixed_policy(demo_study, tmp_path, capsys):
+    """study.budgets on a finished study (a copy): the probe of the baseline, the
+    allocation within the budget, then mixed@B PTQ and QAT runs with its rules; rows and
+    the report's section; every earlier run kept."""
+    wd = tmp_path / "study"
+    shutil.copytree(demo_study.wd, wd, ignore=shutil.ignore_patterns(".*.tmp*"))
+    cfg = copy.deepcopy(demo_study.cfg)
+    config_lib.apply_overrides(cfg, ["study.budgets=(6.0,)", "study.finetune_seeds=1"])
+    before = _mtimes(wd)
+    rows = study.run_study(cfg, wd)
+    assert capsys.readouterr().out.count("done earlier") == 4  # float, ptq and qat int4+2:4, qat float
+    after = _mtimes(wd)
+    assert {k: after[k] for k in before} == before and set(after) - set(before) == {
+        "ptq/mixed@6/done.json", "qat/mixed@6/done.json"}
+    alloc = _json(wd / "float/mixed/mixed@6.json")
+    assert alloc["bits_per_weight"] <= 6.0 < 8.0
+    by = {(r["name"], r["method"]): r for r in rows}
+    for method in ("ptq", "qat"):
+        row, done = by[("mixed@6", method)], _json(wd / method / "mixed@6" / "done.json")
+        assert row["status"] == "done" and row["weight_bits"] is None and row["sparsity"] is None
+        assert row["bits_per_weight"] == done["size"]["compressed_layers_bits_per_weight_no_scales"]
+        assert done["size"]["compressed_layers_bits_per_weight"] == pytest.approx(alloc["export_bits_per_weight"])
+        assert _json(wd / method / "mixed@6" / "config.json")["policy"]["rules"] == alloc["rules"]
+    assert [r["name"] for r in rows][-2:] == ["mixed@6", "mixed@6"]  # after the named settings
+    report = (wd / "report.md").read_text()
+    assert "### mixed@6" in report and all(f"| {g} | {v['candidate']} |" in report for g, v in alloc["groups"].items())
+
+
+def test_mixed_rules_get_the_studys_n_m_recipe():
+    """The full recipe's N:M options (mask_every, SR-STE) reach a mixed policy's N:M rules
+    as they reach the named settings; its other rules stay as allocated."""
+    cfg = config_lib.load_config(f"{DEMO}:full")
+    config_lib.apply_overrides(cfg, ["study.budgets=(3.0,)"])
+    alloc = types.SimpleNamespace(rules=[{"module_path": "a", "weight_bits": 4, "nm": [2, 4]},
+                                         {"module_path": "b", "weight_bits": 8}])
+    got = study.mixed_rules(cfg, alloc)
+    assert got[1] == alloc.rules[1]
+    assert got[0] == {**alloc.rules[0], "mask_schedule": {"kind": "every", "every": cfg.policy.mask_every},
+                      "prune_grad": cfg.policy.prune_grad}
+    run = study.StudyRun(QAT, "mixed@3")
+    mixed = study.run_config(cfg, run, "/tmp/w", rules=got)
+    config_lib.validate(mixed)  # custom rules: runtime off, the named N:M options at their defaults
+    assert not mixed.policy.runtime and mixed.policy.mask_every == 0 and mixed.policy.name == "mixed@3"
+    planned = [(r.method, r.name) for r in study.plan(cfg)]  # after the named settings
+    assert planned.index((PTQ, "mixed@3")) == len(PAPER_SETTINGS) + 1 and planned[-1] == (QAT, "mixed@3")
+
+
 # ------------------------------------------------------------------ further training
 
 
@@ -550,6 +597,9 @@ def test_run_identity(tmp_path):
         (["study.settings=('int8', 'int8')"], "duplicates"),
         (["study.finetune_steps=0"], "study.finetune_steps must be a positive int"),
         (["study.finetune_seeds=0"], "study.finetune_seeds must be a positive int"),
+        (["study.budgets=(3.0, 3)"], "study.budgets has duplicates"),
+        (["study.budgets=(0.0,)"], r"study.budgets: bits per weight in \(0, 32\)"),
+        (["policy.rules=({'weight_bits': 4},)"], "leave policy.rules empty"),
     ],
 )
 def test_invalid_study_configs(bad, match):

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from usmqs import distributed, sharding, storage
+from usmqs.compress.allocate import mixed_name
 from usmqs.compress.policy import NAMED_POLICIES, NAMED_PRUNING_DEFAULTS, PAPER_SETTINGS, policy_from_config
 from usmqs.data import pipeline
 from usmqs.models import presets
@@ -222,6 +223,11 @@ def study_config() -> ml_collections.ConfigDict:
             # Policy NAMEs (`Policy.named`) to compress the baseline with; 'float' is not
             # one of them: the baseline and the float control always run.
             settings=PAPER_SETTINGS,
+            # Size budgets, bits per weight of the compressed layers (values, N:M indices
+            # and scales counted: `usmqs.compress.allocate`): each adds PTQ and QAT runs
+            # named mixed@B whose policy is the allocation that minimizes the baseline's
+            # probed sensitivity within B (`usmqs.sensitivity.allocate_run`), e.g. (3.0, 2.0).
+            budgets=(),
             # Fine-tuning budget of every QAT run and of the float control.
             finetune_steps=250,
             # The fine-tuning recipe of the QAT runs: each key replaces config.train's;
@@ -328,5 +334,13 @@ def _validate_study(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"study.finetune: {bad} are not config.train keys (num_steps is study.finetune_steps)"
         )
-    if config.policy.rules:
-        raise ConfigError("the study compresses with named policies: leave policy.rules empty")
+    budgets = tuple(s.budgets)
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 32 for b in budgets):
+        raise ConfigError(f"study.budgets: bits per weight in (0, 32), got {budgets!r}")
+    if len({mixed_name(b) for b in budgets}) != len(budgets):
+        raise ConfigError(f"study.budgets has duplicates: {budgets!r}")
+    # A study config compresses with named settings and budgets; a mixed@B run's config
+    # (the study's own, `study.run_config`) carries its allocation's rules.
+    if config.policy.rules and config.policy.name not in {mixed_name(b) for b in budgets}:
+        raise ConfigError("the study compresses with named policies and study.budgets: leave policy.rules empty")
+

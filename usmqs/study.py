@@ -71,14 +71,17 @@ import os
 import pathlib
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import ml_collections
 
 from usmqs import config as config_lib
-from usmqs import distributed, preemption, storage, study_report
+from usmqs import distributed, preemption, sensitivity, storage, study_report
 from usmqs import export as export_lib
 from usmqs import train as train_lib
+from usmqs.compress import allocate
+from usmqs.compress.allocate import MIXED_PREFIX, mixed_name
+from usmqs.compress.policy import NAMED_PRUNING_DEFAULTS
 
 DONE_FILE = "done.json"
 FAILED_FILE = "failed.json"
@@ -131,7 +134,7 @@ def plan(config: ml_collections.ConfigDict) -> list[StudyRun]:
     """The runs in execution order: baseline, every PTQ (cheap: a first picture early),
     the float control, every QAT; then the control and every QAT again per further
     fine-tuning seed (a complete single-seed table comes first)."""
-    settings = tuple(config.study.settings)
+    settings = tuple(config.study.settings) + tuple(mixed_name(b) for b in config.study.budgets)
     runs = [BASELINE]
     runs += [StudyRun(Method.PTQ, n) for n in settings]
     for seed in range(config.study.finetune_seeds):
@@ -145,14 +148,18 @@ def _fmt(value) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def run_overrides(config, run: StudyRun, workdir: pathlib.Path) -> list[str]:
-    """The ``--config.`` overrides that turn the study config into `run`'s config."""
+def run_overrides(config, run: StudyRun, workdir: pathlib.Path, rules: Sequence[dict] = ()) -> list[str]:
+    """The ``--config.`` overrides that turn the study config into `run`'s config
+    (`rules`: a mixed@B run's policy rules, `allocation`)."""
     o = [f"policy.name={run.name}", "eval.at_end=True"]
     if not config.data.cache_dir:
         o.append(f"data.cache_dir={workdir / 'data_cache'}")
     if run.method is not Method.FLOAT:
         o.append(f"init_from={workdir / BASELINE.subdir}")
-        o.append(f"policy.runtime={bool(config.study.runtime_settings)}")
+        o.append(f"policy.runtime={bool(config.study.runtime_settings and not rules)}")
+    if rules:  # custom rules carry their N:M options themselves (`mixed_rules`)
+        o.append(f"policy.rules={tuple(rules)!r}")
+        o += [f"policy.{k}={_fmt(v)}" for k, v in NAMED_PRUNING_DEFAULTS.items()]
     if run.method is Method.PTQ:
         o.append("train.num_steps=0")
     elif run.method is Method.QAT:
@@ -168,12 +175,36 @@ def finetune_recipe(config) -> dict:
     return {k: v for k, v in config.study.finetune.items() if v is not None}
 
 
-def run_config(config, run: StudyRun, workdir, *, label: str = "") -> ml_collections.ConfigDict:
+def run_config(config, run: StudyRun, workdir, *, label: str = "", rules: Sequence[dict] = ()) -> ml_collections.ConfigDict:
     """`run`'s config: a copy of the study config with `run_overrides` (and `label`) applied."""
     cfg = copy.deepcopy(config)
-    config_lib.apply_overrides(cfg, run_overrides(config, run, pathlib.Path(workdir).absolute()))
+    config_lib.apply_overrides(cfg, run_overrides(config, run, pathlib.Path(workdir).absolute(), rules))
     cfg.label = label or run.tag
     return cfg
+
+
+def mixed_rules(config, alloc: allocate.Allocation) -> list[dict]:
+    """`alloc`'s policy rules with the study's N:M recipe (``policy.mask_every``,
+    ``prune_grad``, ``srste_lambda``) on every N:M rule, as the named settings get it.
+    (Custom rules compile their settings as constants: mixed@B runs do not share the
+    named settings' runtime-valued programs.)"""
+    p, extra = config.policy, {}
+    if p.mask_every:
+        extra["mask_schedule"] = {"kind": "every", "every": int(p.mask_every)}
+    for key in ("prune_grad", "srste_lambda"):
+        if p[key] != NAMED_PRUNING_DEFAULTS[key]:
+            extra[key] = p[key]
+    return [{**r, **extra} if r.get("nm") else r for r in alloc.rules]
+
+
+def allocation(config, workdir: pathlib.Path, name: str) -> allocate.Allocation:
+    """The policy of the mixed@B runs: the allocation within B bits per weight that
+    minimizes the finished baseline's probed sensitivity (`sensitivity.allocate_run`:
+    the probe is cached in the baseline's folder, the allocation saved as
+    ``WORKDIR/float/mixed/mixed@B.json``)."""
+    budget = next(b for b in config.study.budgets if mixed_name(b) == name)
+    baseline = run_config(config, BASELINE, workdir)
+    return sensitivity.allocate_run(baseline, workdir / BASELINE.subdir, bits_per_weight=budget)
 
 
 def _flat(d: Mapping, prefix: str = "") -> dict:
@@ -458,12 +489,47 @@ def _failure_summary(failures: Mapping[StudyRun, dict], runs, workdir: pathlib.P
 
 
 def _write_outputs(
-    workdir: pathlib.Path, records: Mapping[StudyRun, dict], config, runs, failures: Mapping[StudyRun, dict]
+    workdir: pathlib.Path, records: Mapping[StudyRun, dict], config, runs, failures: Mapping[StudyRun, dict],
+    allocations: Mapping[str, allocate.Allocation],
 ) -> list[dict]:
     """results.json, report.md and pareto.png (process 0 writes them); returns the rows."""
     if distributed.is_primary():
-        return study_report.write_outputs(workdir, records, config, runs, failures)
+        data = {name: a.to_data() for name, a in allocations.items()}
+        return study_report.write_outputs(workdir, records, config, runs, failures, data)
     return study_report.result_rows(records, failures)
+
+
+def _run_one(config, workdir: pathlib.Path, run: StudyRun, label: str, records: dict, failures: dict,
+             allocations: dict) -> bool:
+    """Run `run` (or find it done earlier, or not run it because the run it starts from
+    failed), recording it in `records` or `failures`; True when it was tried now. A
+    mixed@B run's policy is its budget's allocation (`allocation`), made once per study
+    session into `allocations`; an allocation that cannot be made (a budget below the
+    smallest choice) fails that run."""
+    if depends_on(run) in failures:
+        failures[run] = _not_run(run, depends_on(run))
+        print(f"[{label}] FAILED: {failures[run]['error']}", flush=True)
+        return False
+    if run.name.startswith(MIXED_PREFIX) and run.name not in allocations:
+        try:
+            allocations[run.name] = allocation(config, workdir, run.name)
+        except ABORTS_STUDY:
+            raise
+        except Exception as e:
+            failures[run] = _record_failure(run_config(config, run, workdir, label=label), run,
+                                            workdir / run.subdir, workdir, e)
+            print(f"[{label}] FAILED: {failures[run]['error']}", flush=True)
+            return True
+    rules = mixed_rules(config, allocations[run.name]) if run.name in allocations else ()
+    cfg = run_config(config, run, workdir, label=label, rules=rules)
+    record = load_done(workdir / run.subdir, cfg, workdir)
+    if record is not None:
+        print(f"[{label}] done earlier: WER {100 * record['eval']['wer']:.2f}% (skipped)", flush=True)
+        records[run] = record
+        return False
+    finished, record = _attempt(cfg, run, label, workdir)
+    (records if finished else failures)[run] = record
+    return True
 
 
 # ------------------------------------------------------------------------------ main
@@ -497,28 +563,19 @@ def run_study(
         cache = s.compile_cache_dir or workdir / ".jax_cache"
     print(
         f"study: {len(runs)} runs in {workdir} (float baseline {config.train.num_steps} steps; "
-        f"{len(s.settings)} settings x PTQ + QAT {s.finetune_steps} steps"
+        f"{len(s.settings)} settings{f' + {len(s.budgets)} budgets' if s.budgets else ''} x PTQ + QAT "
+        f"{s.finetune_steps} steps"
         f"{'; float control' if s.float_control else ''}); compilation cache: {cache or 'off'}",
         flush=True,
     )
     records: dict[StudyRun, dict] = {}
     failures: dict[StudyRun, dict] = {}
+    allocations: dict[str, allocate.Allocation] = {}
     with compilation_cache(cache):
         for i, run in enumerate(runs, 1):
-            label = f"{run.tag} {i}/{len(runs)}"
-            cfg = run_config(config, run, workdir, label=label)
-            record = load_done(workdir / run.subdir, cfg, workdir)
-            if record is not None:
-                print(f"[{label}] done earlier: WER {100 * record['eval']['wer']:.2f}% (skipped)", flush=True)
-                records[run] = record
-            elif depends_on(run) in failures:
-                failures[run] = _not_run(run, depends_on(run))
-                print(f"[{label}] FAILED: {failures[run]['error']}", flush=True)
-            else:
-                finished, record = _attempt(cfg, run, label, workdir)
-                (records if finished else failures)[run] = record
-                _write_outputs(workdir, records, config, runs, failures)
-    rows = _write_outputs(workdir, records, config, runs, failures)
+            if _run_one(config, workdir, run, f"{run.tag} {i}/{len(runs)}", records, failures, allocations):
+                _write_outputs(workdir, records, config, runs, failures, allocations)
+    rows = _write_outputs(workdir, records, config, runs, failures, allocations)
     print(
         f"\n{study_report.format_table(rows)}\n\nresults: {workdir / study_report.RESULTS_FILE}, "
         f"{workdir / study_report.REPORT_FILE}, {workdir / study_report.PARETO_FILE}",

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from usmqs import storage
+from usmqs.compress.allocate import MIXED_PREFIX
 from usmqs.compress.policy import NAMED_POLICIES, NAMED_PRUNING_DEFAULTS
 
 # The paper's headline: int4 + 2:4 on the 2B USM = 9.4 % of the fp32 size (3 bits per
@@ -66,9 +67,25 @@ def _baseline(records: Mapping[Run, dict]) -> dict | None:
 
 
 def setting_fields(name: str) -> dict:
-    """weight_bits (None = float values) and sparsity ("N:M" or None) of a policy NAME."""
+    """weight_bits (None = float values) and sparsity ("N:M" or None) of a policy NAME;
+    None and None for a mixed@B policy (its groups differ: report.md lists them)."""
+    if is_mixed(name):
+        return {"weight_bits": None, "sparsity": None}
     bits, nm = NAMED_POLICIES[name]
     return {"weight_bits": bits, "sparsity": None if nm is None else f"{nm[0]}:{nm[1]}"}
+
+
+def is_mixed(name: str) -> bool:
+    """A size-budgeted mixed policy's NAME (``mixed@B``, `allocate.mixed_name`)."""
+    return name.startswith(MIXED_PREFIX)
+
+
+def name_order(name: str) -> tuple:
+    """Rows' order of setting NAMEs: the named settings as `NAMED_POLICIES` lists them,
+    then the mixed@B policies from the largest budget down."""
+    if is_mixed(name):
+        return (1, -float(name[len(MIXED_PREFIX):]))
+    return (0, list(NAMED_POLICIES).index(name))
 
 
 def rel_regression(wer: float, float_wer: float) -> float | None:
@@ -98,9 +115,8 @@ def result_rows(records: Mapping[Run, dict], failures: Mapping[Run, dict] | None
     failures = failures or {}
     base = _baseline(records)
     float_wer = None if base is None else base["eval"]["wer"]
-    position = {n: i for i, n in enumerate(NAMED_POLICIES)}
     groups: dict[tuple[str, str], list[Run]] = {}
-    for run in sorted({*records, *failures}, key=lambda r: (position[r.name], METHODS.index(r.method), r.seed)):
+    for run in sorted({*records, *failures}, key=lambda r: (name_order(r.name), METHODS.index(r.method), r.seed)):
         groups.setdefault((run.name, str(run.method)), []).append(run)
     rows = []
     for (name, method), runs in groups.items():
@@ -202,7 +218,7 @@ def format_table(rows: Sequence[dict]) -> str:
     has not finished (or failed)."""
     by = {(r["name"], r["method"]): r for r in rows}
     base = by[("float", "float")]
-    names = [n for n in NAMED_POLICIES if any(r["name"] == n for r in rows)]
+    names = sorted({r["name"] for r in rows}, key=name_order)
     head = (
         "| setting | bits/weight | size % of fp32 | float WER % | PTQ WER % | QAT WER % "
         "| PTQ rel. regression % | QAT rel. regression % |"
@@ -344,6 +360,34 @@ def _dev_section(rows: Sequence[dict]) -> list[str]:
     ]
 
 
+def _mixed_section(rows: Sequence[dict], allocations: Mapping[str, dict]) -> list[str]:
+    """report.md's mixed-precision policies: per mixed@B, the budget, what the allocation
+    spends (scales counted, as the budget) and what its export measured (the table's
+    accounting, scales excluded), and each group's candidate."""
+    names = sorted({r["name"] for r in rows if is_mixed(r["name"]) and r["name"] in allocations}, key=name_order)
+    if not names:
+        return []
+    md = ["## Mixed precision under a size budget", "",
+          "Each mixed@B policy is the choice per layer group, among the candidates, that minimizes "
+          "the float baseline's probed loss increase (PTQ of that group alone, dev split) within B "
+          "bits per weight of the compressed layers, values + N:M indices + scales "
+          "(`usmqs.sensitivity`, `usmqs.compress.allocate`: an exact search).", ""]
+    for name in names:
+        a = allocations[name]
+        measured = [r for r in rows if r["name"] == name and r["bits_per_weight"] is not None]
+        export = (f"; its export: {measured[-1]['bits_per_weight']:.3f} bits/weight without scales, "
+                  f"{100 * measured[-1]['size_ratio']:.2f} % of fp32") if measured else ""
+        md += [f"### {name}", "",
+               f"Budget {a['budget_bits_per_weight']:.3f} bits/weight; allocated {a['bits_per_weight']:.3f} "
+               f"({a['bits_per_weight_no_scales']:.3f} without scales), predicted loss increase "
+               f"{a['predicted_sensitivity']:.4g}{export}.", "",
+               "| group | setting | weights | bytes | probed loss increase |", "|---|---|---|---|---|"]
+        md += [f"| {g} | {v['candidate']} | {v['num_weights']:,} | {v['bytes']:,} | {v['sensitivity']:.4g} |"
+               for g, v in a["groups"].items()]
+        md.append("")
+    return md
+
+
 def _failures_section(failures: Mapping[Run, dict], plan_: Sequence[Run]) -> list[str]:
     """The failed runs of `plan_` and what each failed with ([] when none failed)."""
     failed = [run for run in plan_ if run in failures]
@@ -384,7 +428,7 @@ def _cost_table(records: Mapping[Run, dict], failures: Mapping[Run, dict], plan_
 
 def write_report(
     path, rows: Sequence[dict], records: Mapping[Run, dict], config, plan_: Sequence[Run],
-    failures: Mapping[Run, dict] | None = None,
+    failures: Mapping[Run, dict] | None = None, allocations: Mapping[str, dict] | None = None,
 ) -> None:
     """report.md: the table, how to read it against the paper, the dev split's table
     (when the runs decoded one), the failed runs and their errors, what each run of
@@ -395,7 +439,7 @@ def write_report(
     if _baseline(records) is None:
         body = [f"Status: {status}. No table: the float baseline, which every other run starts from, failed.", ""]
     else:
-        body = _results(rows, records, config, status)
+        body = _results(rows, records, config, status) + _mixed_section(rows, allocations or {})
     md = [
         "# Compression study",
         "",
@@ -460,17 +504,22 @@ def plot_pareto(path, rows: Sequence[dict]) -> None:
         ax.scatter([100 * base[0]["size_ratio"]], [0.0], marker="D", color="black",
                    label="float baseline", zorder=3)
     float_wer = base[0]["wer"] if base else 0.0
-    for method, marker, color in (("ptq", "o", "tab:orange"), ("qat", "s", "tab:blue")):
+    series = (
+        ("ptq", False, "o", "tab:orange", "PTQ (no fine-tuning)"),
+        ("qat", False, "s", "tab:blue", "QAT (fine-tuned; float = control)"),
+        ("ptq", True, "^", "tab:olive", "mixed@B PTQ (B: budget, bits/weight)"),
+        ("qat", True, "^-", "tab:green", "mixed@B QAT: the budget frontier"),
+    )
+    for method, mixed, marker, color, label in series:
         pts = sorted(
             (100 * r["size_ratio"], 100 * r["rel_wer_regression"], r["name"], rel_regression_sd(r, float_wer))
             for r in rows
-            if r["method"] == method and r["rel_wer_regression"] is not None
+            if r["method"] == method and is_mixed(r["name"]) == mixed and r["rel_wer_regression"] is not None
         )
         if not pts:
             continue
         xs, ys, _, sds = zip(*pts)
         ys_all += ys
-        label = {"ptq": "PTQ (no fine-tuning)", "qat": "QAT (fine-tuned; float = control)"}[method]
         if any(sds):
             label += "\n(bars: ± sd over fine-tuning seeds)"
         ax.errorbar(xs, ys, yerr=sds, fmt=marker, color=color, label=label, zorder=3, capsize=3)
@@ -514,15 +563,17 @@ def _pareto_axes(ax, xs: Sequence[float], ys: Sequence[float]) -> None:
 
 
 def write_outputs(
-    workdir, records: Mapping[Run, dict], config, plan_: Sequence[Run], failures: Mapping[Run, dict] | None = None
+    workdir, records: Mapping[Run, dict], config, plan_: Sequence[Run], failures: Mapping[Run, dict] | None = None,
+    allocations: Mapping[str, dict] | None = None,
 ) -> list[dict]:
     """results.json, report.md and pareto.png in `workdir` from the finished and the
-    failed runs' records (`plan_`: every run of the study, finished or not), each
-    replaced atomically (a full disk: `storage.WriteError` naming the file); returns the rows."""
+    failed runs' records (`plan_`: every run of the study, finished or not; `allocations`:
+    the mixed@B policies' `Allocation.to_data()` by NAME), each replaced atomically (a
+    full disk: `storage.WriteError` naming the file); returns the rows."""
     workdir = pathlib.Path(workdir)
     rows = result_rows(records, failures)
     storage.write_text_atomic(workdir / RESULTS_FILE, json.dumps(rows, indent=2) + "\n", "the study results")
-    write_report(workdir / REPORT_FILE, rows, records, config, plan_, failures)
+    write_report(workdir / REPORT_FILE, rows, records, config, plan_, failures, allocations)
     plot_pareto(workdir / PARETO_FILE, rows)
     return rows
 

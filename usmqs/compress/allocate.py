@@ -356,6 +356,14 @@ class Allocation:
         return "\n".join(lines)
 
 
+MIXED_PREFIX = "mixed@"
+
+
+def mixed_name(bits_per_weight: float) -> str:
+    """The NAME of the mixed policy for a budget in bits per weight: ``mixed@B`` (DESIGN.md)."""
+    return f"{MIXED_PREFIX}{bits_per_weight:g}"
+
+
 def budget_bytes(sizes: SizeTable, bits_per_weight: float) -> int:
     """The largest byte count within `bits_per_weight` over the compressible layers (the
     decimal value as written: 3.1 means 31/10, not its binary neighbour)."""
@@ -380,7 +388,7 @@ def allocate(
     if missing:
         raise ValueError(f"sensitivity has no finite value for (group, candidate) {missing[:4]}")
     limit = budget_bytes(sizes, bits_per_weight) if max_bytes is None else int(max_bytes)
-    name = f"mixed@{bits_per_weight:g}" if max_bytes is None else f"mixed@{limit}B"
+    name = mixed_name(bits_per_weight) if max_bytes is None else f"{MIXED_PREFIX}{limit}B"
     costs = [[sizes.cost(g, n) for n in names] for g in groups]
     try:
         picks = solve(costs, [[sensitivity[g][n] for n in names] for g in groups], limit)
