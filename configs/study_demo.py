@@ -22,7 +22,8 @@ Colon arguments (comma-separated): ``settings=A/B/...`` policy NAMEs separated b
 minutes-long smoke run (few steps, two settings); ``micro``: configs/tiny.py's test-sized
 model.
 Single values: ``--config.train.num_steps=``, ``--config.study.finetune_steps=``,
-``--config.study.finetune.learning_rate=``, ...
+``--config.study.finetune.learning_rate=``, ``--config.study.budgets='(3.0, 2.0)'`` (mixed@B
+rows: the best per-group allocation within B bits per weight, scales counted), ...
 
 Compile time: two length buckets (the corpus's utterances are 0.7-3.9 s); every PTQ/QAT
 run uses runtime-valued settings (``study.runtime_settings``), so all of them share one

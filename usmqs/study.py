@@ -17,11 +17,16 @@ shorthands):
   ``study.finetune`` keys replaced: lower peak LR, short warmup), evaluate;
 
 plus a float control fine-tuned with the same recipe and budget, which separates what
-the extra steps alone buy from what compression costs. Every run is exported
+the extra steps alone buy from what compression costs. Each budget B of
+``config.study.budgets`` (bits per weight of the compressed layers, scales counted) adds
+PTQ and QAT runs named ``mixed@B`` whose policy is the allocation within B that
+minimizes the baseline's probed sensitivity (`allocation`, made once the baseline has
+finished; `mixed_rules` gives its N:M rules the study's N:M recipe). Every run is exported
 (`export.export_workdir`): sizes come from its ``export/size.json``. Layout::
 
     WORKDIR/
       float/              the baseline (``config.train`` recipe, float policy)
+      float/mixed/        the baseline's sensitivity table and each mixed@B allocation
       ptq/<NAME>/         one run dir per setting: checkpoints, eval.json, export/, done.json
                           (failed.json instead while it has failed)
       qat/<NAME>/         ... and qat/float/, the fine-tuned float control
