@@ -342,18 +342,22 @@ def _write_atomically(out_dir: pathlib.Path, arrays: dict, tokenizer_file: pathl
             tmp.mkdir()
             report = _fill(tmp, arrays, tokenizer_file, meta)
             _move_into_place(tmp, out_dir)
-        finally:
-            _remove_tree(tmp)  # gone already after the rename
+        except BaseException:
+            _remove_tree(tmp)
+            raise
     return report
 
 
-def _remove_tree(folder: pathlib.Path, attempts: int = 20) -> None:
-    """Remove `folder`, again after a pause while it is still there: when a save fails,
-    Orbax raises the first write error while tensorstore's other writes into the folder
-    are still landing, and a file created during the removal keeps its directory."""
+def _remove_tree(folder: pathlib.Path, attempts: int = 50, settle: int = 5) -> None:
+    """Remove `folder` and see it stay removed for `settle` checks 0.1 s apart (at most
+    `attempts` checks): when a save fails, Orbax raises the first write error while
+    tensorstore's other writes into the folder are still landing, and such a write
+    recreates the folder (and its parents) even after it was removed."""
+    absent = 0
     for _ in range(attempts):
         shutil.rmtree(folder, ignore_errors=True)
-        if not folder.exists():
+        absent = 0 if folder.exists() else absent + 1
+        if absent >= settle:
             return
         time.sleep(0.1)
 
