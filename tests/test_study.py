@@ -257,7 +257,7 @@ def test_a_budget_added_to_a_finished_study_trains_only_its_mixed_policy(demo_st
     assert {k: after[k] for k in before} == before and set(after) - set(before) == {
         "ptq/mixed@6/done.json", "qat/mixed@6/done.json"}
     alloc = _json(wd / "float/mixed/mixed@6.json")
-    assert alloc["bits_per_weight"] <= 6.0 < 8.0
+    assert alloc["bits_per_weight"] <= 6.0 and alloc["budget_bits_per_weight"] == 6.0
     by = {(r["name"], r["method"]): r for r in rows}
     for method in ("ptq", "qat"):
         row, done = by[("mixed@6", method)], _json(wd / method / "mixed@6" / "done.json")
