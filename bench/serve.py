@@ -110,7 +110,6 @@ def _engines(float_model, dirs: dict) -> dict:
     import jax
     import numpy as np
     import onnxruntime as ort
-    import sherpa_onnx
     from flax import nnx
 
     from usmqs import export, onnx_export
@@ -138,19 +137,8 @@ def _engines(float_model, dirs: dict) -> dict:
         sess = ort.InferenceSession(str(dirs[name] / "onnx" / onnx_export.MODEL_FILE), providers=["CPUExecutionProvider"])
         engines[f"ort_{label}"] = lambda w, sess=sess: sess.run(None, {onnx_export.INPUT: w[None]})
     for name, label in (("float", "fp32"), ("int8", "int8")):
-        onnx_dir = dirs[name] / "onnx"
-        rec = sherpa_onnx.OfflineRecognizer.from_omnilingual_asr_ctc(
-            model=str(onnx_dir / onnx_export.MODEL_FILE), tokens=str(onnx_dir / onnx_export.TOKENS_FILE),
-            num_threads=os.cpu_count() or 1,
-        )
-
-        def sherpa(w, rec=rec):
-            stream = rec.create_stream()
-            stream.accept_waveform(SAMPLE_RATE, w)
-            rec.decode_stream(stream)
-            return stream.result.text
-
-        engines[f"sherpa_onnx_{label}"] = sherpa
+        rec = onnx_export.sherpa_recognizer(dirs[name] / "onnx", num_threads=os.cpu_count() or 1)
+        engines[f"sherpa_onnx_{label}"] = lambda w, rec=rec: onnx_export.sherpa_text(rec, w, SAMPLE_RATE)
     return engines
 
 

@@ -60,20 +60,13 @@ def _onnx_dir(run_dir: pathlib.Path) -> pathlib.Path:
 
 
 def measure(run_dir: pathlib.Path) -> dict:
-    import sherpa_onnx
-
     rows = _rows(run_dir)
     onnx_dir = _onnx_dir(run_dir)
-    rec = sherpa_onnx.OfflineRecognizer.from_omnilingual_asr_ctc(
-        model=str(onnx_dir / onnx_export.MODEL_FILE), tokens=str(onnx_dir / onnx_export.TOKENS_FILE)
-    )
-    start, sherpa_texts = time.perf_counter(), []
-    for r in rows:
-        wave = audio_lib.load_audio(r["audio_filepath"]).astype(np.float32)
-        stream = rec.create_stream()
-        stream.accept_waveform(16000, wave)
-        rec.decode_stream(stream)
-        sherpa_texts.append(stream.result.text.strip())
+    rec = onnx_export.sherpa_recognizer(onnx_dir)
+    start = time.perf_counter()
+    sherpa_texts = [
+        onnx_export.sherpa_text(rec, audio_lib.load_audio(r["audio_filepath"]).astype(np.float32)) for r in rows
+    ]
     seconds = time.perf_counter() - start
     refs = [r["text"] for r in rows]
     served = [r["pred_text"].strip() for r in rows]

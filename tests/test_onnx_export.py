@@ -101,13 +101,7 @@ def _greedy_ids(log_probs: np.ndarray) -> list[int]:
 
 
 def _sherpa_text(onnx_dir: pathlib.Path, wave: np.ndarray) -> str:
-    rec = sherpa_onnx.OfflineRecognizer.from_omnilingual_asr_ctc(
-        model=str(onnx_dir / onnx_export.MODEL_FILE), tokens=str(onnx_dir / onnx_export.TOKENS_FILE)
-    )
-    stream = rec.create_stream()
-    stream.accept_waveform(16000, wave)
-    rec.decode_stream(stream)
-    return stream.result.text.strip()
+    return onnx_export.sherpa_text(onnx_export.sherpa_recognizer(onnx_dir), wave)
 
 
 def test_onnx_runtime_computes_the_served_log_probs(onnx_runs):
@@ -128,8 +122,8 @@ def test_onnx_runtime_computes_the_served_log_probs(onnx_runs):
         ref = _served_log_probs(onnx_runs[name] / "export", wave)
         np.testing.assert_allclose(_ort(onnx_runs[name] / "onnx" / onnx_export.MODEL_FILE, wave), ref, atol=5e-3, rtol=0)
     nodes = onnx.load(str(model)).graph.node
-    assert not any(n.op_type == "MatMul" and n.input[1] in {d.output[0] for d in nodes if d.op_type == "DequantizeLinear"}
-                   for n in nodes)
+    dequantized = {d.output[0] for d in nodes if d.op_type == "DequantizeLinear"}
+    assert not any(n.op_type == "MatMul" and n.input[1] in dequantized for n in nodes)
 
 
 def _nbits_codes(model, node) -> np.ndarray:

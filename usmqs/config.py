@@ -337,10 +337,11 @@ def _validate_study(config: ml_collections.ConfigDict) -> None:
     budgets = tuple(s.budgets)
     if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 32 for b in budgets):
         raise ConfigError(f"study.budgets: bits per weight in (0, 32), got {budgets!r}")
-    if len({mixed_name(b) for b in budgets}) != len(budgets):
+    mixed = {mixed_name(b) for b in budgets}
+    if len(mixed) != len(budgets):
         raise ConfigError(f"study.budgets has duplicates: {budgets!r}")
     # A study config compresses with named settings and budgets; a mixed@B run's config
     # (the study's own, `study.run_config`) carries its allocation's rules.
-    if config.policy.rules and config.policy.name not in {mixed_name(b) for b in budgets}:
+    if config.policy.rules and config.policy.name not in mixed:
         raise ConfigError("the study compresses with named policies and study.budgets: leave policy.rules empty")
 

@@ -38,8 +38,8 @@ sub-channel scale, repeated) and the zero point of an asymmetric layer, at accur
 INT4 initializers followed by ``DequantizeLinear`` -- per output channel, or blocked along
 the input axis for sub-channel scales, with the zero point -- giving the same weight: a
 matmul kernel transposed and multiplied from the left (`_matmul_dequantized_left`), a
-conv kernel into Conv. Pruned entries are codes equal to the zero point: exact zeros. N:M layers are stored dense
-(ONNX Runtime has no N:M sparse kernel). Float layers (norms, biases, int16 and float N:M
+conv kernel into Conv. Pruned entries are codes equal to the zero point: exact zeros.
+N:M layers are stored dense (ONNX Runtime has no N:M sparse kernel). Float layers (norms, biases, int16 and float N:M
 kernels, decoded) are float32 initializers. Blocks are unrolled (one set of initializers
 per layer) rather than a Loop over stacked weights.
 """
@@ -251,8 +251,8 @@ def _matmul_nbits(g: _Graph, x: str, w: _Weight, name: str) -> str | None:
         return None
     bits, block = layout
     (k, n), offset = w.value.shape, 1 << (bits - 1)
-    nblocks = -(-k // block)
-    group_of_block = np.arange(nblocks) * block // (k // (w.scale.size // n))
+    nblocks, group = -(-k // block), k // (w.scale.size // n)  # K of one scale group
+    group_of_block = np.arange(nblocks) * block // group
     scales = np.asarray(w.scale, np.float32).reshape(-1, n)[group_of_block].T  # [N, blocks]
     zp = None
     if w.zero_point is not None:
@@ -687,3 +687,23 @@ def load_onnx(onnx_dir: str | os.PathLike) -> OnnxExport:
     if props.get("tokens_sha256") and _sha256(data) != props["tokens_sha256"]:
         raise OnnxExportError(f"{tokens_path}: not the tokens file {MODEL_FILE} was exported with (sha256 differs)")
     return OnnxExport(model_path, tokens_path, props, symbols)
+
+
+def sherpa_recognizer(onnx_dir: str | os.PathLike, **options):
+    """sherpa-onnx's recognizer for `onnx_dir` (model.onnx + tokens.txt) through its public
+    raw-waveform CTC constructor, at its defaults except `options` (e.g. ``num_threads``).
+    Needs the ``deploy`` extra."""
+    import sherpa_onnx  # optional dependency
+
+    onnx_dir = pathlib.Path(onnx_dir)
+    return sherpa_onnx.OfflineRecognizer.from_omnilingual_asr_ctc(
+        model=str(onnx_dir / MODEL_FILE), tokens=str(onnx_dir / TOKENS_FILE), **options
+    )
+
+
+def sherpa_text(recognizer, wave: np.ndarray, sample_rate: int = 16000) -> str:
+    """The transcript of one utterance (float32 samples) decoded by `recognizer` as one stream."""
+    stream = recognizer.create_stream()
+    stream.accept_waveform(sample_rate, wave)
+    recognizer.decode_stream(stream)
+    return stream.result.text.strip()
