@@ -39,6 +39,7 @@ def test_probe_ranks_int2_worse_than_int8_in_every_group_and_is_cached(trained, 
         assert row["float"] == 0.0
         assert row["int2"] > row["int8"], (group, row)
         assert row["int2+1:4"] > row["int8"], (group, row)
+        assert row["int2a"] > row["int8"], (group, row)
     capsys.readouterr()
     again = sensitivity.sensitivity_table(cfg, workdir, num_batches=2)
     assert "reusing" in capsys.readouterr().out
@@ -61,22 +62,29 @@ def test_allocated_policy_is_an_ordinary_config_policy(trained):
     print(run.describe_policy(run_cfg, setup))  # every rule decides some layer
 
 
-def test_probe_loss_is_the_static_policys_ptq_loss(trained):
-    """A probe (runtime settings, one program) gives the loss of the same compression as
-    an ordinary static policy: masks one-shot from the weights, then fake quantization."""
+@pytest.mark.parametrize("group, candidate", [
+    ("blocks/conv", allocate.Candidate(4, (2, 4))),
+    ("blocks/ffn1", allocate.Candidate(2, (2, 4), symmetric=False)),  # the asymmetric program
+])
+def test_probe_loss_is_the_static_policys_ptq_loss(trained, group, candidate):
+    """A probe (runtime settings, one program per integer grid) gives the loss of the same
+    compression as an ordinary static policy: masks one-shot from the weights, then fake
+    quantization."""
     cfg, workdir = trained
     table = sensitivity.sensitivity_table(cfg, workdir, num_batches=2)
     members = allocate.group_members(WEIGHT_PATHS, allocate.DEFAULT_GROUPS)
-    policy = allocate.assignment_policy({"blocks/conv": allocate.Candidate(4, (2, 4))}, members)
+    policy = allocate.assignment_policy({group: candidate}, members)
     static = copy.deepcopy(cfg)
     static.policy.rules = tuple(export_format.policy_to_data(policy, skip_defaults=True))
     setup = run.build(static, run.load_tokenizer(workdir).vocab_size)
-    assert setup.policy.resolve("blocks/conv/dw").nm is None and setup.policy.resolve("blocks/conv/pw1").nm == (2, 4)
+    specs = {path: setup.policy.resolve(path) for path in members[group]}
+    assert {s.symmetric for s in specs.values()} == {candidate.symmetric}
+    assert {s.nm for p, s in specs.items() if p != "blocks/conv/dw"} == {candidate.nm}
     params = run.load_params(setup, str(workdir))
     step = sensitivity.make_probe_step(setup, static)
     rest = sensitivity.fresh_rest(setup, static)
     sums = [step(params, rest, b) for b in sensitivity.probe_batches(cfg, workdir, 2)]
     loss = float(sum(s for s, _ in sums) / sum(n for _, n in sums))
-    assert loss == pytest.approx(table["loss"]["blocks/conv"]["int4+2:4"], rel=1e-5)
+    assert loss == pytest.approx(table["loss"][group][candidate.name], rel=1e-5)
     assert loss > table["base_loss"]
 

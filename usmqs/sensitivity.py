@@ -10,7 +10,8 @@ and its increase over the float model's loss on the same batches, floored at 0 (
 compressed group that happens to lower the loss on a few batches is taken as harmless,
 not as helpful); a float candidate's increase is 0 without a forward pass.
 
-One compiled program serves every probe: the model is built with runtime-valued
+One compiled program serves every probe on one integer grid (two programs when the
+candidates include asymmetric ones, `probe_config`): the model is built with runtime-valued
 settings (``policy.runtime``: every layer holds its [bits, N] as state, `WeightSpec.runtime`),
 a probe writes the layers' settings (`layers.set_runtime_setting`) and the jitted loss
 recomputes the masks from the weights at the written N before the forward pass.
@@ -44,10 +45,11 @@ from flax import nnx
 from usmqs import config as config_lib
 from usmqs import evaluate, run, storage
 from usmqs import train as train_lib
-from usmqs.compress import allocate
+from usmqs.compress import allocate, export_format
 from usmqs.compress import masks as masks_lib
 from usmqs.compress.layers import set_runtime_setting
 from usmqs.compress.packing import IndexEncoding
+from usmqs.compress.policy import Policy, setting_rules
 from usmqs.data import pipeline
 
 MIXED_DIR = "mixed"  # under the run's workdir: sensitivity tables and allocations
@@ -86,11 +88,17 @@ def data_digest(batches: Sequence[dict]) -> str:
     return h.hexdigest()
 
 
-def probe_config(config):
-    """`config` with every layer's bits and N:M as runtime values (all float to begin with)."""
+def probe_config(config, symmetric: bool = True):
+    """`config` with every layer's bits and N:M as runtime values (all float to begin
+    with), on the symmetric or the asymmetric integer grid (a static choice: one program
+    per grid)."""
     cfg = copy.deepcopy(config)
     cfg.policy.rules = ()
     overrides = ["policy.name=float", "policy.runtime=True", "policy.mask_every=0", "policy.prune_grad=masked"]
+    if not symmetric:  # as custom rules: the named policies are symmetric
+        rules = export_format.policy_to_data(Policy(setting_rules(None, None, runtime=True, symmetric=False)),
+                                             skip_defaults=True)
+        overrides = overrides[:1] + overrides[2:] + [f"policy.rules={tuple(rules)!r}"]
     config_lib.apply_overrides(cfg, overrides)
     return cfg
 
@@ -124,12 +132,18 @@ def fresh_rest(setup: run.Setup, config) -> nnx.State:
     return jax.jit(init, out_shardings=setup.state_shardings.rest)()
 
 
-def _probe_losses(setup, config, params, batches, members, candidates) -> tuple[float, dict]:
-    """(float loss, {group: {candidate name: loss}}) per label token over `batches`."""
-    step = make_probe_step(setup, config)
-    base_rest = fresh_rest(setup, config)
+def _probe_losses(config, setup, params, batches, members, candidates) -> tuple[float, dict]:
+    """(float loss, {group: {candidate name: loss}}) per label token over `batches`: one
+    probe program per integer grid the candidates use (`probe_config`; `setup` is the
+    symmetric one's)."""
+    programs = {}  # symmetric -> (setup, step, the model's fresh non-trainable state)
+    for symmetric in {True} | {c.symmetric for c in candidates}:
+        cfg = probe_config(config, symmetric)
+        grid_setup = setup if symmetric else run.build(cfg, setup.vocab_size)
+        programs[symmetric] = (grid_setup, make_probe_step(grid_setup, cfg), fresh_rest(grid_setup, cfg))
 
-    def loss_of(assignment: dict) -> float:
+    def loss_of(assignment: dict, symmetric: bool = True) -> float:
+        setup, step, base_rest = programs[symmetric]
         model = nnx.merge(setup.graphdef, params, jax.tree.map(lambda x: x, base_rest))  # a copy
         set_runtime_setting(model, allocate.assignment_policy(assignment, members))
         rest = jax.device_put(nnx.split(model, nnx.Param, ...)[2], setup.state_shardings.rest)
@@ -140,7 +154,7 @@ def _probe_losses(setup, config, params, batches, members, candidates) -> tuple[
     losses = {}
     for group in members:
         t0 = time.perf_counter()
-        losses[group] = {c.name: base if c.keeps_float else loss_of({group: c}) for c in candidates}
+        losses[group] = {c.name: base if c.keeps_float else loss_of({group: c}, c.symmetric) for c in candidates}
         worst = max(losses[group], key=losses[group].get)
         print(f"sensitivity {group}: float loss {base:.4f}, worst {worst} {losses[group][worst]:.4f} "
               f"({time.perf_counter() - t0:.1f}s)", flush=True)
@@ -160,8 +174,7 @@ def sensitivity_table(
     read from its cache file when one with the same key exists, else probed and saved."""
     workdir = pathlib.Path(workdir)
     batches = probe_batches(config, workdir, num_batches)
-    cfg = probe_config(config)
-    setup = run.build(cfg, run.load_tokenizer(workdir).vocab_size)
+    setup = run.build(probe_config(config), run.load_tokenizer(workdir).vocab_size)
     step, params = run.newest_params(setup, str(workdir))
     key = {
         "step": step,
@@ -178,7 +191,7 @@ def sensitivity_table(
     abstract = nnx.merge(setup.graphdef, setup.abstract_state.params, setup.abstract_state.rest)
     members = allocate.group_members(allocate.kernels(abstract), groups)
     t0 = time.perf_counter()
-    base, losses = _probe_losses(setup, cfg, params, batches, members, candidates)
+    base, losses = _probe_losses(config, setup, params, batches, members, candidates)
     table = {
         "key": key,
         "base_loss": base,

@@ -86,8 +86,23 @@ def test_default_groups_cover_every_layer_once(micro_sizes):
     assert set(members["blocks/attn"]) == {f"blocks/attn/{w}" for w in ("q", "k", "v", "pos", "out")}
     assert set(members["blocks/conv"]) == {"blocks/conv/pw1", "blocks/conv/dw", "blocks/conv/pw2"}
     # Candidate names are the DESIGN.md names where a named policy exists.
-    assert {c.name for c in allocate.DEFAULT_CANDIDATES} - set(NAMED_POLICIES) == {"int2+1:4"}
+    assert {c.name for c in allocate.DEFAULT_CANDIDATES} - set(NAMED_POLICIES) == {
+        "int2+1:4", "int2a", "int2a+2:4", "int2a+1:4"
+    }
     assert all(setting_name(*v) == k for k, v in NAMED_POLICIES.items())
+
+
+def test_asymmetric_candidates_pay_for_their_zero_points(micro_sizes):
+    """int2a stores the values and indices int2 stores, plus one zero point per scale."""
+    _, sizes = micro_sizes
+    for group in sizes.members:
+        for nm in ("", "+2:4", "+1:4"):
+            sym, asym = sizes.buckets[group][f"int2{nm}"], sizes.buckets[group][f"int2a{nm}"]
+            assert "zero_points" not in sym and asym["zero_points"] > 0, (group, nm)
+            assert {k: v for k, v in asym.items() if k != "zero_points"} == sym, (group, nm)
+    spec = Candidate(2, (2, 4), symmetric=False).spec("blocks/ffn1/w_in")
+    assert (spec.weight_bits, spec.nm, spec.symmetric) == (2, (2, 4), False)
+    assert not Candidate(2, None, symmetric=False).spec("blocks/conv/dw").symmetric
 
 
 def test_groups_that_miss_a_layer_or_match_none_are_errors():

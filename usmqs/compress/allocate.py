@@ -14,7 +14,8 @@ block. `DEFAULT_GROUPS`: the subsampling front end, each stacked module (``block
 Candidates. A `Candidate` is a whole-model setting (bits, N:M) applied to one group as
 `Policy.named` applies it to the model (`policy.setting_rules`): the N:M-exempt layers
 (depthwise convs, the first subsampling conv) keep the bits dense. `DEFAULT_CANDIDATES`:
-float and int8 / int4 / int2 each dense, 2:4 and 1:4.
+float and int8 / int4 / int2 / int2a (asymmetric int2: zero points, counted) each dense,
+2:4 and 1:4.
 
 Sizes, from shapes only. `layer_bytes` is what the export stores for one kernel: the
 codec's own `encode` traced abstractly (`codec.stored_nbytes`), put in buckets as
@@ -74,10 +75,12 @@ class Candidate:
 
     weight_bits: int | None = None
     nm: tuple[int, int] | None = None
+    # Asymmetric integer values (min/max grid with a zero point per scale group).
+    symmetric: bool = True
 
     @property
     def name(self) -> str:
-        return setting_name(self.weight_bits, self.nm)
+        return setting_name(self.weight_bits, self.nm, self.symmetric)
 
     @property
     def keeps_float(self) -> bool:
@@ -86,11 +89,15 @@ class Candidate:
 
     def spec(self, path: str) -> WeightSpec | None:
         """The spec of layer `path` under this setting (None: float)."""
-        return Policy(setting_rules(self.weight_bits, self.nm)).resolve(path)
+        return Policy(setting_rules(self.weight_bits, self.nm, symmetric=self.symmetric)).resolve(path)
 
 
+# int2 also asymmetric: 4 levels from min to max with a zero point, where the symmetric
+# grid is {-2, -1, 0, 1}·s with s = max|W| / 1.5, whose level -2s lies beyond every
+# weight (`usmqs.compress.ops`).
 DEFAULT_CANDIDATES = (Candidate(),) + tuple(
-    Candidate(bits, nm) for nm in (None, (2, 4), (1, 4)) for bits in (8, 4, 2)
+    Candidate(bits, nm, symmetric) for nm in (None, (2, 4), (1, 4))
+    for bits, symmetric in ((8, True), (4, True), (2, True), (2, False))
 )
 
 

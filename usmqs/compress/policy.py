@@ -291,10 +291,12 @@ PAPER_SETTINGS = (
 NM_EXEMPT = r".*(blocks/conv/dw|subsample/conv1)"
 
 
-def setting_name(bits: int | None, nm: tuple[int, int] | None) -> str:
+def setting_name(bits: int | None, nm: tuple[int, int] | None, symmetric: bool = True) -> str:
     """The DESIGN.md name of (weight bits, N:M): 'float', 'int4', '2:4', 'int4+2:4', and
-    likewise for settings that have no named policy ('int2+1:4')."""
-    parts = ([] if bits is None else [f"int{bits}"]) + ([] if nm is None else [f"{nm[0]}:{nm[1]}"])
+    likewise for settings that have no named policy ('int2+1:4'); asymmetric integer
+    values (min/max grid with a zero point) add an 'a' to the bits: 'int2a+2:4'."""
+    ints = [] if bits is None else [f"int{bits}{'' if symmetric else 'a'}"]
+    parts = ints + ([] if nm is None else [f"{nm[0]}:{nm[1]}"])
     return "+".join(parts) or "float"
 
 
@@ -306,18 +308,20 @@ def setting_rules(
     mask_schedule: MaskSchedule = WeightSpec.mask_schedule,
     prune_grad: PruneGrad = WeightSpec.prune_grad,
     srste_lambda: float = WeightSpec.srste_lambda,
+    symmetric: bool = True,
 ) -> tuple[Rule, ...]:
     """The rules of a whole-model setting (`Policy.named`'s, for any bits and N:M): every
     layer at `bits` with N:M `nm`, except `NM_EXEMPT`, which keeps `bits` dense; () for
-    float. The pruning options go to the N:M rule (see `Policy.named`)."""
+    float. The pruning options go to the N:M rule (see `Policy.named`); `symmetric` to
+    both (`WeightSpec.symmetric`)."""
     if bits is None and nm is None and not runtime:
         return ()
     pruning = {}
     if nm is not None or runtime:
         pruning = dict(mask_schedule=mask_schedule, prune_grad=prune_grad, srste_lambda=srste_lambda)
-    rules = [Rule(".*", WeightSpec(weight_bits=bits, nm=nm, runtime=runtime, **pruning))]
+    rules = [Rule(".*", WeightSpec(weight_bits=bits, nm=nm, runtime=runtime, symmetric=symmetric, **pruning))]
     if nm is not None or runtime:  # runtime: the same two rules for every name
-        rules.insert(0, Rule(NM_EXEMPT, WeightSpec(weight_bits=bits, runtime=runtime)))
+        rules.insert(0, Rule(NM_EXEMPT, WeightSpec(weight_bits=bits, runtime=runtime, symmetric=symmetric)))
     return tuple(rules)
 
 
