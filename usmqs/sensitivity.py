@@ -91,8 +91,12 @@ def data_digest(batches: Sequence[dict]) -> str:
 def probe_config(config, symmetric: bool = True):
     """`config` with every layer's bits and N:M as runtime values (all float to begin
     with), on the symmetric or the asymmetric integer grid (a static choice: one program
-    per grid)."""
+    per grid); validated. A study's run config loses its study block: the probe is no
+    study run (and a study config takes no custom rules)."""
     cfg = copy.deepcopy(config)
+    if "study" in cfg:
+        with cfg.unlocked():
+            del cfg["study"]
     cfg.policy.rules = ()
     overrides = ["policy.name=float", "policy.runtime=True", "policy.mask_every=0", "policy.prune_grad=masked"]
     if not symmetric:  # as custom rules: the named policies are symmetric
@@ -100,6 +104,7 @@ def probe_config(config, symmetric: bool = True):
                                              skip_defaults=True)
         overrides = overrides[:1] + overrides[2:] + [f"policy.rules={tuple(rules)!r}"]
     config_lib.apply_overrides(cfg, overrides)
+    config_lib.validate(cfg)
     return cfg
 
 
