@@ -819,3 +819,18 @@ def test_update_readme_replaces_only_a_complete_studys_block(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="needs exactly one"):
         study_report.update_readme(readme, tmp_path)
+
+
+def test_the_mixed_section_names_asymmetric_settings_only_when_one_is_allocated():
+    rows = [{"name": "mixed@2", "bits_per_weight": 1.9, "size_ratio": 0.08}]
+
+    def allocation(candidate):
+        return {"mixed@2": {
+            "budget_bits_per_weight": 2.0, "bits_per_weight": 1.99, "bits_per_weight_no_scales": 1.9,
+            "predicted_sensitivity": 0.5,
+            "groups": {"blocks/ffn1": {"candidate": candidate, "num_weights": 10, "bytes": 3, "sensitivity": 0.5}},
+        }}
+
+    asym = "\n".join(study_report._mixed_section(rows, allocation("int2a+2:4")))
+    assert "| blocks/ffn1 | int2a+2:4 | 10 | 3 | 0.5 |" in asym and "(int2a) marks asymmetric" in asym
+    assert "asymmetric" not in "\n".join(study_report._mixed_section(rows, allocation("int2+2:4")))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Protocol
@@ -371,7 +372,11 @@ def _mixed_section(rows: Sequence[dict], allocations: Mapping[str, dict]) -> lis
           "Each mixed@B policy is the choice per layer group, among the candidates, that minimizes "
           "the float baseline's probed loss increase (PTQ of that group alone, dev split) within B "
           "bits per weight of the compressed layers, values + N:M indices + scales "
-          "(`usmqs.sensitivity`, `usmqs.compress.allocate`: an exact search).", ""]
+          "(`usmqs.sensitivity`, `usmqs.compress.allocate`: an exact search)."
+          + (" An 'a' after the bits (int2a) marks asymmetric values: levels from the minimum to "
+             "the maximum with a zero point per scale, counted in the bytes."
+             if any(re.match(r"int\d+a", v["candidate"]) for n in names for v in allocations[n]["groups"].values())
+             else ""), ""]
     for name in names:
         a = allocations[name]
         measured = [r for r in rows if r["name"] == name and r["bits_per_weight"] is not None]
