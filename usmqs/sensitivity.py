@@ -35,10 +35,12 @@ import itertools
 import json
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -47,7 +49,7 @@ from usmqs import evaluate, run, storage
 from usmqs import train as train_lib
 from usmqs.compress import allocate, export_format
 from usmqs.compress import masks as masks_lib
-from usmqs.compress.layers import set_runtime_setting
+from usmqs.compress.layers import Conv, Dense, set_runtime_setting, stacked_effective_kernel
 from usmqs.compress.packing import IndexEncoding
 from usmqs.compress.policy import Policy, setting_rules
 from usmqs.data import pipeline
@@ -137,22 +139,39 @@ def fresh_rest(setup: run.Setup, config) -> nnx.State:
     return jax.jit(init, out_shardings=setup.state_shardings.rest)()
 
 
-def _probe_losses(config, setup, params, batches, members, candidates) -> tuple[float, dict]:
-    """(float loss, {group: {candidate name: loss}}) per label token over `batches`: one
-    probe program per integer grid the candidates use (`probe_config`; `setup` is the
-    symmetric one's)."""
-    programs = {}  # symmetric -> (setup, step, the model's fresh non-trainable state)
+class _Grid(NamedTuple):
+    """The probe model on one integer grid: its setup and config, and the non-trainable
+    state of a fresh model (all float, all-ones masks)."""
+
+    setup: run.Setup
+    config: ml_collections.ConfigDict
+    rest: nnx.State
+
+    def settings(self, params, assignment: Mapping[str, allocate.Candidate], members) -> nnx.State:
+        """`rest` with each layer's runtime setting under `assignment` (other groups float)."""
+        model = nnx.merge(self.setup.graphdef, params, jax.tree.map(lambda x: x, self.rest))  # a copy
+        set_runtime_setting(model, allocate.assignment_policy(assignment, members))
+        return jax.device_put(nnx.split(model, nnx.Param, ...)[2], self.setup.state_shardings.rest)
+
+
+def _grids(config, setup: run.Setup, candidates) -> dict[bool, _Grid]:
+    """symmetric -> `_Grid`, one per integer grid the candidates use (`probe_config`;
+    `setup` is the symmetric one's, always there: the float model)."""
+    out = {}
     for symmetric in {True} | {c.symmetric for c in candidates}:
         cfg = probe_config(config, symmetric)
         grid_setup = setup if symmetric else run.build(cfg, setup.vocab_size)
-        programs[symmetric] = (grid_setup, make_probe_step(grid_setup, cfg), fresh_rest(grid_setup, cfg))
+        out[symmetric] = _Grid(grid_setup, cfg, fresh_rest(grid_setup, cfg))
+    return out
+
+
+def _probe_losses(grids, params, batches, members, candidates) -> tuple[float, dict]:
+    """(float loss, {group: {candidate name: loss}}) per label token over `batches`."""
+    steps = {symmetric: make_probe_step(g.setup, g.config) for symmetric, g in grids.items()}
 
     def loss_of(assignment: dict, symmetric: bool = True) -> float:
-        setup, step, base_rest = programs[symmetric]
-        model = nnx.merge(setup.graphdef, params, jax.tree.map(lambda x: x, base_rest))  # a copy
-        set_runtime_setting(model, allocate.assignment_policy(assignment, members))
-        rest = jax.device_put(nnx.split(model, nnx.Param, ...)[2], setup.state_shardings.rest)
-        sums = [step(params, rest, b) for b in batches]
+        rest = grids[symmetric].settings(params, assignment, members)
+        sums = [steps[symmetric](params, rest, b) for b in batches]
         return float(sum(s for s, _ in sums) / sum(n for _, n in sums))
 
     base = loss_of({})
@@ -166,6 +185,82 @@ def _probe_losses(config, setup, params, batches, members, candidates) -> tuple[
     return base, losses
 
 
+def make_fisher_step(setup: run.Setup, config) -> run.InMesh:
+    """`fisher(params, rest, batch)` -> (the sum over the batch's utterances of each one's
+    squared gradient of its CTC loss per label token, params-shaped; utterances): the
+    empirical Fisher diagonal, before dividing. Rows without labels add nothing."""
+
+    def utterance_loss(params, rest, features, feature_mask, labels, label_mask):
+        model = nnx.merge(setup.graphdef, params, rest)
+        logits, out_mask = model(features[None], feature_mask[None], rng=None)
+        return train_lib.ctc_loss(logits, out_mask, labels[None], label_mask[None])[0]
+
+    per_utterance = jax.vmap(jax.grad(utterance_loss), in_axes=(None, None, 0, 0, 0, 0))
+
+    @jax.jit
+    def fisher(params, rest, batch):
+        grads = per_utterance(params, rest, *(batch[k] for k in BATCH_KEYS))
+        real = jnp.any(batch["label_mask"], axis=1)
+
+        def squares(g):
+            keep = real.reshape(real.shape + (1,) * (g.ndim - 1))
+            return jnp.sum(jnp.where(keep, g * g, 0.0), axis=0)
+
+        return jax.tree.map(squares, grads), jnp.sum(real)
+
+    return run.InMesh(fisher, setup.mesh, config.mesh.rules)
+
+
+def make_distortion_step(setup: run.Setup, config) -> run.InMesh:
+    """`distortion(params, rest, fisher)` -> {layer path: sum of F ⊙ (W − W_eff)²} over
+    its stacked layers: masks recomputed at each layer's runtime N from the weights,
+    W_eff the compressed kernel, F params-shaped (the Fisher diagonal)."""
+
+    @jax.jit
+    def distortion(params, rest, fisher):
+        model = nnx.merge(setup.graphdef, params, rest)
+        masks_lib.update_masks(model, jnp.zeros((), jnp.int32), force=True)
+        weighting = nnx.merge(setup.graphdef, fisher, rest)
+        out = {}
+        for (_, node), (_, f) in zip(nnx.iter_modules(model), nnx.iter_modules(weighting)):
+            if isinstance(node, Dense | Conv):
+                w = node.kernel[...]
+                effective = stacked_effective_kernel(node, w.ndim - len(node.kernel_shape))
+                out[node.path] = out.get(node.path, 0.0) + jnp.sum(f.kernel[...] * (w - effective) ** 2)
+        return out
+
+    return run.InMesh(distortion, setup.mesh, config.mesh.rules)
+
+
+def _fisher_damage(grids, params, batches, members, candidates) -> tuple[float, dict]:
+    """(float loss, {group: {candidate name: ½ Σ F (W − W_eff)²}}): the second-order
+    estimate of the loss increase of compressing that group alone, the Hessian taken as
+    the empirical Fisher diagonal (mean over the batches' utterances; the float model's
+    gradient is taken as 0: it is trained)."""
+    float_grid = grids[True]
+    fisher_step = make_fisher_step(float_grid.setup, float_grid.config)
+    sums = [fisher_step(params, float_grid.rest, b) for b in batches]
+    count = sum(float(n) for _, n in sums)
+    fisher = jax.tree.map(lambda *xs: sum(xs) / count, *[f for f, _ in sums])
+    probe = make_probe_step(float_grid.setup, float_grid.config)
+    losses = [probe(params, float_grid.rest, b) for b in batches]
+    base = float(sum(s for s, _ in losses) / sum(n for _, n in losses))
+    steps = {symmetric: make_distortion_step(g.setup, g.config) for symmetric, g in grids.items()}
+    damage = {}
+    for group in members:
+        damage[group] = {}
+        for c in candidates:
+            if c.keeps_float:
+                damage[group][c.name] = 0.0
+                continue
+            per_path = steps[c.symmetric](params, grids[c.symmetric].settings(params, {group: c}, members), fisher)
+            damage[group][c.name] = 0.5 * float(sum(per_path[p] for p in members[group]))
+    return base, damage
+
+
+METHODS = ("ptq", "fisher")
+
+
 def sensitivity_table(
     config,
     workdir,
@@ -173,10 +268,14 @@ def sensitivity_table(
     groups: Sequence[allocate.Group] = allocate.DEFAULT_GROUPS,
     candidates: Sequence[allocate.Candidate] = allocate.DEFAULT_CANDIDATES,
     num_batches: int = 4,
+    method: str = "ptq",
 ) -> dict:
-    """The probe's table for the run in `workdir` (module docstring): ``key``,
-    ``base_loss``, ``loss`` and ``increase`` ({group: {candidate: value}}), ``path``;
-    read from its cache file when one with the same key exists, else probed and saved."""
+    """The table of `method` for the run in `workdir` (module docstring): ``key``,
+    ``base_loss``, ``increase`` ({group: {candidate: value}}; for "ptq" also ``loss``),
+    ``path``; read from its cache file when one with the same key exists, else computed
+    and saved. "ptq": the probe's loss increase; "fisher": ½ Σ F (W − W_eff)²."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     workdir = pathlib.Path(workdir)
     batches = probe_batches(config, workdir, num_batches)
     setup = run.build(probe_config(config), run.load_tokenizer(workdir).vocab_size)
@@ -188,23 +287,30 @@ def sensitivity_table(
         "data": {"manifest": evaluate.split_manifest(config, "dev")[0], "num_batches": len(batches),
                  "sha256": data_digest(batches)},
     }
+    if method != "ptq":  # the PTQ tables' key (and file) from before there was a choice
+        key["method"] = method
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = workdir / MIXED_DIR / f"sensitivity-{digest}.json"
+    path = workdir / MIXED_DIR / f"{'sensitivity' if method == 'ptq' else method}-{digest}.json"
     if path.is_file() and (cached := json.loads(path.read_text())).get("key") == key:
         print(f"sensitivity: reusing {path}", flush=True)
         return {**cached, "path": str(path)}
     abstract = nnx.merge(setup.graphdef, setup.abstract_state.params, setup.abstract_state.rest)
     members = allocate.group_members(allocate.kernels(abstract), groups)
     t0 = time.perf_counter()
-    base, losses = _probe_losses(config, setup, params, batches, members, candidates)
-    table = {
-        "key": key,
-        "base_loss": base,
-        "loss": losses,
-        "increase": {g: {c: max(0.0, v - base) for c, v in row.items()} for g, row in losses.items()},
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    _write_json(path, table, "the sensitivity table")
+    grids = _grids(config, setup, candidates)
+    if method == "ptq":
+        base, losses = _probe_losses(grids, params, batches, members, candidates)
+        table = {
+            "key": key,
+            "base_loss": base,
+            "loss": losses,
+            "increase": {g: {c: max(0.0, v - base) for c, v in row.items()} for g, row in losses.items()},
+        }
+    else:
+        base, damage = _fisher_damage(grids, params, batches, members, candidates)
+        table = {"key": key, "base_loss": base, "increase": damage}
+    table["seconds"] = round(time.perf_counter() - t0, 3)
+    _write_json(path, table, f"the {method} sensitivity table")
     return {**table, "path": str(path)}
 
 
@@ -226,17 +332,20 @@ def allocate_run(
     groups: Sequence[allocate.Group] = allocate.DEFAULT_GROUPS,
     candidates: Sequence[allocate.Candidate] = allocate.DEFAULT_CANDIDATES,
     num_batches: int = 4,
+    method: str = "ptq",
 ) -> allocate.Allocation:
     """The best mixed policy for the run in `workdir` within the budget (bits per weight
     of the compressible layers, scales counted, or bytes of them): sensitivities from
-    the probe (`sensitivity_table`, cached), sizes from shapes; printed, and saved as
-    ``WORKDIR/mixed/<name>.json`` (the allocation, its rules and the table's file)."""
+    `method`'s table (`sensitivity_table`, cached), sizes from shapes; printed, and saved
+    as ``WORKDIR/mixed/<name>.json`` (``<name>-fisher.json`` for "fisher"; the
+    allocation, its rules and the table's file)."""
     workdir = pathlib.Path(workdir)
-    table = sensitivity_table(config, workdir, groups=groups, candidates=candidates, num_batches=num_batches)
+    table = sensitivity_table(config, workdir, groups=groups, candidates=candidates, num_batches=num_batches,
+                              method=method)
     sizes = model_sizes(config, run.load_tokenizer(workdir).vocab_size, groups, candidates)
     alloc = allocate.allocate(sizes, table["increase"], bits_per_weight=bits_per_weight, max_bytes=max_bytes)
     data = {**alloc.to_data(), "sensitivity_table": table["path"]}
-    out = workdir / MIXED_DIR / f"{alloc.name}.json"
+    out = workdir / MIXED_DIR / f"{alloc.name}{'' if method == 'ptq' else '-' + method}.json"
     _write_json(out, data, "the mixed-precision allocation")
     print(alloc.describe() + f"\nsaved: {out}", flush=True)
     return alloc

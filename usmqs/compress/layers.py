@@ -90,16 +90,22 @@ def precompute_effective_kernels(model: nnx.Module, layer_axes: int) -> None:
             continue
         if isinstance(node.kernel.get_value(), EncodedKernel):
             continue
-        spec, axes = node.spec, node.contract_axes
+        node.kernel.set_value(ComputedKernel(stacked_effective_kernel(node, layer_axes)))
 
-        def one(w, mask, setting):
-            return ops.compressed_weight(w, mask, spec, contract_axes=axes, setting=setting)
 
-        for _ in range(layer_axes):
-            one = jax.vmap(one)
-        mask = None if node.mask is None else node.mask[...]
-        setting = None if node.setting is None else node.setting[...]
-        node.kernel.set_value(ComputedKernel(one(node.kernel[...], mask, setting)))
+def stacked_effective_kernel(node: _Compressible, layer_axes: int) -> jax.Array:
+    """`node.effective_kernel()` of a layer whose variables carry `layer_axes` leading
+    stacked axes (scan over layers): each stacked layer masked and fake-quantized on its own."""
+    spec, axes = node.spec, node.contract_axes
+
+    def one(w, mask, setting):
+        return ops.compressed_weight(w, mask, spec, contract_axes=axes, setting=setting)
+
+    for _ in range(layer_axes):
+        one = jax.vmap(one)
+    mask = None if node.mask is None else node.mask[...]
+    setting = None if node.setting is None else node.setting[...]
+    return one(node.kernel[...], mask, setting)
 
 
 def _resolve(policy: Policy | None, path: str) -> WeightSpec | None:
