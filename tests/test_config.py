@@ -115,3 +115,15 @@ def test_a_config_save_on_a_full_disk_keeps_the_saved_one(tmp_path, monkeypatch)
 def test_split_overrides():
     rest, ov = config_lib.split_overrides(["train", "--config", "c.py", "--config.seed=3"])
     assert rest == ["train", "--config", "c.py"] and ov == ["seed=3"]
+
+
+def test_a_saved_study_run_config_from_before_study_budgets_loads(tmp_path):
+    import json
+
+    cfg = config_lib.load(str(ROOT / "configs/study_demo.py:full"))
+    old = cfg.to_dict()
+    del old["study"]["budgets"], old["study"]["finetune"]["distill_temperature"]
+    (tmp_path / config_lib.SAVED_CONFIG_FILE).write_text(json.dumps(old))
+    back = config_lib.load_saved(tmp_path)
+    assert back.study.budgets == () and back.study.finetune.distill_temperature is None
+    assert back.study.finetune.distill_weight == 0.5 and back.study.finetune_steps == cfg.study.finetune_steps

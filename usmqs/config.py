@@ -95,13 +95,18 @@ def load_saved(workdir: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml
     """The config a run in `workdir` was trained with (its ``config.json``), with
     `overrides`, validated. JSON lists come back as the tuples configs use. Data keys added
     since the run was saved take their defaults, which keep the behaviour from before
-    they existed (``data.features_on_device``, ``data.standardize_audio``: False)."""
+    they existed (``data.features_on_device``, ``data.standardize_audio``: False), and so
+    do study keys (``study.budgets``: none)."""
     path = pathlib.Path(workdir) / SAVED_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{workdir}: no {SAVED_CONFIG_FILE} (not a training workdir?); pass --config")
     saved = _tuples(json.loads(path.read_text()))
     if isinstance(saved.get("data"), dict):
         saved["data"] = {**pipeline.default_data_config().to_dict(), **saved["data"]}
+    if isinstance(saved.get("study"), dict):  # a study run's config, maybe from before study.budgets
+        defaults = study_config().to_dict()
+        saved["study"] = {**defaults, **saved["study"],
+                          "finetune": {**defaults["finetune"], **saved["study"].get("finetune", {})}}
     config = ml_collections.ConfigDict(saved)
     config.lock()
     apply_overrides(config, overrides)
