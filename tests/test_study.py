@@ -289,6 +289,16 @@ def test_mixed_rules_get_the_studys_n_m_recipe():
     assert planned.index((PTQ, "mixed@3")) == len(PAPER_SETTINGS) + 1 and planned[-1] == (QAT, "mixed@3")
 
 
+
+def test_the_study_allocates_with_its_sensitivity_method(monkeypatch, tmp_path):
+    cfg = config_lib.load_config(f"{DEMO}:full")
+    config_lib.apply_overrides(cfg, ["study.budgets=(3.0, 2.0)", "study.sensitivity=fisher"])
+    calls = []
+    monkeypatch.setattr(study.sensitivity, "allocate_run", lambda c, wd, **kw: calls.append((c.policy.name, wd, kw)))
+    study.allocation(cfg, tmp_path, "mixed@2")
+    assert calls == [("float", tmp_path / "float", {"bits_per_weight": 2.0, "method": "fisher"})]
+
+
 # ------------------------------------------------------------------ further training
 
 
@@ -599,6 +609,7 @@ def test_run_identity(tmp_path):
         (["study.finetune_seeds=0"], "study.finetune_seeds must be a positive int"),
         (["study.budgets=(3.0, 3)"], "study.budgets has duplicates"),
         (["study.budgets=(0.0,)"], r"study.budgets: bits per weight in \(0, 32\)"),
+        (["study.sensitivity=hessian"], r"study.sensitivity must be one of \('ptq', 'fisher'\)"),
         (["policy.rules=({'weight_bits': 4},)"], "leave policy.rules empty"),
     ],
 )
@@ -821,7 +832,7 @@ def test_update_readme_replaces_only_a_complete_studys_block(tmp_path):
         study_report.update_readme(readme, tmp_path)
 
 
-def test_the_mixed_section_names_asymmetric_settings_only_when_one_is_allocated():
+def test_the_mixed_section_names_its_estimate_and_asymmetric_settings_when_allocated():
     rows = [{"name": "mixed@2", "bits_per_weight": 1.9, "size_ratio": 0.08}]
 
     def allocation(candidate):
@@ -833,4 +844,8 @@ def test_the_mixed_section_names_asymmetric_settings_only_when_one_is_allocated(
 
     asym = "\n".join(study_report._mixed_section(rows, allocation("int2a+2:4")))
     assert "| blocks/ffn1 | int2a+2:4 | 10 | 3 | 0.5 |" in asym and "(int2a) marks asymmetric" in asym
-    assert "asymmetric" not in "\n".join(study_report._mixed_section(rows, allocation("int2+2:4")))
+    assert "probed loss increase (PTQ of that group alone" in asym  # the default method
+    sym = allocation("int2+2:4")
+    sym["mixed@2"]["sensitivity_method"] = "fisher"
+    text = "\n".join(study_report._mixed_section(rows, sym))
+    assert "asymmetric" not in text and "Fisher estimate of the loss increase" in text

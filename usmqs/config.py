@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from usmqs import distributed, sharding, storage
-from usmqs.compress.allocate import mixed_name
+from usmqs.compress.allocate import SENSITIVITY_METHODS, mixed_name
 from usmqs.compress.policy import NAMED_POLICIES, NAMED_PRUNING_DEFAULTS, PAPER_SETTINGS, policy_from_config
 from usmqs.data import pipeline
 from usmqs.models import presets
@@ -233,6 +233,9 @@ def study_config() -> ml_collections.ConfigDict:
             # named mixed@B whose policy is the allocation that minimizes the baseline's
             # probed sensitivity within B (`usmqs.sensitivity.allocate_run`), e.g. (3.0, 2.0).
             budgets=(),
+            # How the allocation estimates each group's damage (`usmqs.sensitivity`):
+            # "ptq" (probe: dev loss with that group compressed alone) or "fisher".
+            sensitivity="ptq",
             # Fine-tuning budget of every QAT run and of the float control.
             finetune_steps=250,
             # The fine-tuning recipe of the QAT runs: each key replaces config.train's;
@@ -342,6 +345,8 @@ def _validate_study(config: ml_collections.ConfigDict) -> None:
     budgets = tuple(s.budgets)
     if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 32 for b in budgets):
         raise ConfigError(f"study.budgets: bits per weight in (0, 32), got {budgets!r}")
+    if s.sensitivity not in SENSITIVITY_METHODS:
+        raise ConfigError(f"study.sensitivity must be one of {SENSITIVITY_METHODS}, got {s.sensitivity!r}")
     mixed = {mixed_name(b) for b in budgets}
     if len(mixed) != len(budgets):
         raise ConfigError(f"study.budgets has duplicates: {budgets!r}")

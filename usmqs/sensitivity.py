@@ -258,7 +258,7 @@ def _fisher_damage(grids, params, batches, members, candidates) -> tuple[float, 
     return base, damage
 
 
-METHODS = ("ptq", "fisher")
+METHODS = allocate.SENSITIVITY_METHODS
 
 
 def sensitivity_table(
@@ -344,7 +344,7 @@ def allocate_run(
                               method=method)
     sizes = model_sizes(config, run.load_tokenizer(workdir).vocab_size, groups, candidates)
     alloc = allocate.allocate(sizes, table["increase"], bits_per_weight=bits_per_weight, max_bytes=max_bytes)
-    data = {**alloc.to_data(), "sensitivity_table": table["path"]}
+    data = {**alloc.to_data(), "sensitivity_method": method, "sensitivity_table": table["path"]}
     out = workdir / MIXED_DIR / f"{alloc.name}{'' if method == 'ptq' else '-' + method}.json"
     _write_json(out, data, "the mixed-precision allocation")
     print(alloc.describe() + f"\nsaved: {out}", flush=True)

@@ -204,12 +204,13 @@ def mixed_rules(config, alloc: allocate.Allocation) -> list[dict]:
 
 def allocation(config, workdir: pathlib.Path, name: str) -> allocate.Allocation:
     """The policy of the mixed@B runs: the allocation within B bits per weight that
-    minimizes the finished baseline's probed sensitivity (`sensitivity.allocate_run`:
-    the probe is cached in the baseline's folder, the allocation saved as
-    ``WORKDIR/float/mixed/mixed@B.json``)."""
+    minimizes the finished baseline's sensitivity estimate (``study.sensitivity``;
+    `sensitivity.allocate_run`: the table is cached in the baseline's folder, the
+    allocation saved as ``WORKDIR/float/mixed/mixed@B[-fisher].json``)."""
     budget = next(b for b in config.study.budgets if mixed_name(b) == name)
     baseline = run_config(config, BASELINE, workdir)
-    return sensitivity.allocate_run(baseline, workdir / BASELINE.subdir, bits_per_weight=budget)
+    return sensitivity.allocate_run(baseline, workdir / BASELINE.subdir, bits_per_weight=budget,
+                                    method=config.study.sensitivity)
 
 
 def _flat(d: Mapping, prefix: str = "") -> dict:
@@ -499,7 +500,8 @@ def _write_outputs(
 ) -> list[dict]:
     """results.json, report.md and pareto.png (process 0 writes them); returns the rows."""
     if distributed.is_primary():
-        data = {name: a.to_data() for name, a in allocations.items()}
+        data = {name: {**a.to_data(), "sensitivity_method": config.study.sensitivity}
+                for name, a in allocations.items()}
         return study_report.write_outputs(workdir, records, config, runs, failures, data)
     return study_report.result_rows(records, failures)
 

@@ -368,9 +368,14 @@ def _mixed_section(rows: Sequence[dict], allocations: Mapping[str, dict]) -> lis
     names = sorted({r["name"] for r in rows if is_mixed(r["name"]) and r["name"] in allocations}, key=name_order)
     if not names:
         return []
+    estimate = {
+        "ptq": "probed loss increase (PTQ of that group alone, dev split)",
+        "fisher": "Fisher estimate of the loss increase (½ Σ F (W − W_eff)², F the empirical Fisher "
+                  "diagonal on the dev split)",
+    }[allocations[names[0]].get("sensitivity_method", "ptq")]
     md = ["## Mixed precision under a size budget", "",
-          "Each mixed@B policy is the choice per layer group, among the candidates, that minimizes "
-          "the float baseline's probed loss increase (PTQ of that group alone, dev split) within B "
+          f"Each mixed@B policy is the choice per layer group, among the candidates, that minimizes "
+          f"the float baseline's {estimate} within B "
           "bits per weight of the compressed layers, values + N:M indices + scales "
           "(`usmqs.sensitivity`, `usmqs.compress.allocate`: an exact search)."
           + (" An 'a' after the bits (int2a) marks asymmetric values: levels from the minimum to "
@@ -386,7 +391,7 @@ def _mixed_section(rows: Sequence[dict], allocations: Mapping[str, dict]) -> lis
                f"Budget {a['budget_bits_per_weight']:.3f} bits/weight; allocated {a['bits_per_weight']:.3f} "
                f"({a['bits_per_weight_no_scales']:.3f} without scales), predicted loss increase "
                f"{a['predicted_sensitivity']:.4g}{export}.", "",
-               "| group | setting | weights | bytes | probed loss increase |", "|---|---|---|---|---|"]
+               "| group | setting | weights | bytes | estimated loss increase |", "|---|---|---|---|---|"]
         md += [f"| {g} | {v['candidate']} | {v['num_weights']:,} | {v['bytes']:,} | {v['sensitivity']:.4g} |"
                for g, v in a["groups"].items()]
         md.append("")

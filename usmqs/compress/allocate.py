@@ -364,6 +364,10 @@ class Allocation:
 
 
 MIXED_PREFIX = "mixed@"
+# How `usmqs.sensitivity` estimates a group's damage under a candidate: "ptq", the dev
+# loss increase of compressing it alone; "fisher", ½ Σ F (W − W_eff)² with the empirical
+# Fisher diagonal.
+SENSITIVITY_METHODS = ("ptq", "fisher")
 
 
 def mixed_name(bits_per_weight: float) -> str:
