@@ -165,14 +165,19 @@ def _grids(config, setup: run.Setup, candidates) -> dict[bool, _Grid]:
     return out
 
 
+def _mean_loss(step, params, rest, batches) -> float:
+    """The CTC loss per label token over `batches` (`make_probe_step`'s sums)."""
+    sums = [step(params, rest, b) for b in batches]
+    return float(sum(s for s, _ in sums) / sum(n for _, n in sums))
+
+
 def _probe_losses(grids, params, batches, members, candidates) -> tuple[float, dict]:
     """(float loss, {group: {candidate name: loss}}) per label token over `batches`."""
     steps = {symmetric: make_probe_step(g.setup, g.config) for symmetric, g in grids.items()}
 
     def loss_of(assignment: dict, symmetric: bool = True) -> float:
         rest = grids[symmetric].settings(params, assignment, members)
-        sums = [steps[symmetric](params, rest, b) for b in batches]
-        return float(sum(s for s, _ in sums) / sum(n for _, n in sums))
+        return _mean_loss(steps[symmetric], params, rest, batches)
 
     base = loss_of({})
     losses = {}
@@ -242,19 +247,16 @@ def _fisher_damage(grids, params, batches, members, candidates) -> tuple[float, 
     sums = [fisher_step(params, float_grid.rest, b) for b in batches]
     count = sum(float(n) for _, n in sums)
     fisher = jax.tree.map(lambda *xs: sum(xs) / count, *[f for f, _ in sums])
-    probe = make_probe_step(float_grid.setup, float_grid.config)
-    losses = [probe(params, float_grid.rest, b) for b in batches]
-    base = float(sum(s for s, _ in losses) / sum(n for _, n in losses))
+    base = _mean_loss(make_probe_step(float_grid.setup, float_grid.config), params, float_grid.rest, batches)
     steps = {symmetric: make_distortion_step(g.setup, g.config) for symmetric, g in grids.items()}
-    damage = {}
-    for group in members:
-        damage[group] = {}
-        for c in candidates:
-            if c.keeps_float:
-                damage[group][c.name] = 0.0
-                continue
-            per_path = steps[c.symmetric](params, grids[c.symmetric].settings(params, {group: c}, members), fisher)
-            damage[group][c.name] = 0.5 * float(sum(per_path[p] for p in members[group]))
+    damage = {group: {} for group in members}
+    for c in candidates:
+        # A layer's distortion depends on its own setting only: one pass per candidate
+        # with every group at it, summed per group.
+        per_path = {} if c.keeps_float else steps[c.symmetric](
+            params, grids[c.symmetric].settings(params, {g: c for g in members}, members), fisher)
+        for group, paths in members.items():
+            damage[group][c.name] = 0.5 * float(sum(per_path[p] for p in paths)) if per_path else 0.0
     return base, damage
 
 
