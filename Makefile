@@ -19,7 +19,7 @@ demo: install
 	$(PY) -m usmqs study --config configs/study_demo.py --workdir runs/demo --update-readme README.md
 
 test: install
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: install
 	$(PY) bench/step_overhead.py
