@@ -23,8 +23,8 @@ def xla_flags(devices: int | None = None) -> str:
     return flags if devices is None else f"{flags} --xla_force_host_platform_device_count={devices}"
 
 
-# The test files that take longest, longest first (per-file time of the suite at 3235c5f,
-# 2 workers: 229, 181, 110, 86, 85, 76, 76, 72, 60, 60, 43, 42, 40, 38 s). `make test` runs
+# The test files that take longest, longest first (the suite's per-file times; README's
+# "test suite" row names the longest). `make test` runs
 # `--dist loadfile --no-loadscope-reorder`: whole files go to whichever worker is free, in
 # this order, so no long file starts last and ends the run on one worker while the other
 # idles (xdist's own order, most tests first, put three of these last). The files not named
