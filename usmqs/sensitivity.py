@@ -253,10 +253,13 @@ def _fisher_damage(grids, params, batches, members, candidates) -> tuple[float, 
     for c in candidates:
         # A layer's distortion depends on its own setting only: one pass per candidate
         # with every group at it, summed per group.
-        per_path = {} if c.keeps_float else steps[c.symmetric](
-            params, grids[c.symmetric].settings(params, {g: c for g in members}, members), fisher)
+        if c.keeps_float:
+            for group in members:
+                damage[group][c.name] = 0.0
+            continue
+        per_path = steps[c.symmetric](params, grids[c.symmetric].settings(params, {g: c for g in members}, members), fisher)
         for group, paths in members.items():
-            damage[group][c.name] = 0.5 * float(sum(per_path[p] for p in paths)) if per_path else 0.0
+            damage[group][c.name] = 0.5 * float(sum(per_path[p] for p in paths))
     return base, damage
 
 
