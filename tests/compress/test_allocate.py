@@ -3,6 +3,7 @@ the export's bytes to the byte, and an allocated policy exports at the predicted
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import random
@@ -10,7 +11,7 @@ import random
 import pytest
 from flax import nnx
 
-from conftest import EXPORT_VOCAB, MICRO_MODEL
+from conftest import EXPORT_VOCAB, MICRO_MODEL, ROOT
 from usmqs.compress import allocate, export_format, masks
 from usmqs.compress.layers import Conv, Dense
 from usmqs.compress.allocate import BudgetError, Candidate, Group
@@ -169,3 +170,25 @@ def test_a_budget_below_the_smallest_setting_names_the_smallest_bits_per_weight(
     roomy = allocate.allocate(sizes, _sensitivity(sizes), bits_per_weight=32)
     assert all(c.keeps_float for c in roomy.assignment.values()) and roomy.rules == []
 
+
+
+def test_narrower_scales_recost_only_the_scales_and_never_allocate_worse(micro_sizes):
+    """bench/scale_bits.py: scales re-costed at 16 bits are half the stored float32 bytes,
+    every other bucket as stored; the exact solver then has more room, so its least
+    predicted damage at a budget can only fall."""
+    spec = importlib.util.spec_from_file_location("scale_bits", ROOT / "bench/scale_bits.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    _, sizes = micro_sizes
+    assert bench.with_scale_bits(sizes, 32) == sizes
+    half = bench.with_scale_bits(sizes, 16)
+    for g, cands in sizes.buckets.items():
+        for c, stored in cands.items():
+            assert half.buckets[g][c] == {b: n // 2 if b == "scales" else n for b, n in stored.items()}
+            assert stored.get("scales", 0) % 4 == 0
+    assert any(b.get("scales") for cands in sizes.buckets.values() for b in cands.values())
+    sens = _sensitivity(sizes)
+    for budget in (4.0, 3.0, 2.0):  # the micro model's narrow layers: 1.84 at the least
+        wide = allocate.allocate(sizes, sens, bits_per_weight=budget)
+        narrow = allocate.allocate(half, sens, bits_per_weight=budget)
+        assert narrow.bits_per_weight <= budget and narrow.predicted_sensitivity <= wide.predicted_sensitivity
