@@ -171,7 +171,6 @@ def test_a_budget_below_the_smallest_setting_names_the_smallest_bits_per_weight(
     assert all(c.keeps_float for c in roomy.assignment.values()) and roomy.rules == []
 
 
-
 def test_narrower_scales_recost_only_the_scales_and_never_allocate_worse(micro_sizes):
     """bench/scale_bits.py: scales re-costed at 16 bits are half the stored float32 bytes,
     every other bucket as stored; the exact solver then has more room, so its least
