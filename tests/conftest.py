@@ -195,19 +195,20 @@ def sigterm_at_batch(make_train_iterator, k: int):
 # The export tests' model: a micro Conformer with one compression setting per layer, the
 # seven DESIGN.md policies (int8, int4, int2, 2:4, 1:4, int4+2:4, int2+2:4) on stacked and
 # unstacked layers, plus asymmetric scales (with and without N:M), sub-channel blocks with
-# clip search, int16 (no integer form: stored as float), N:M over several flattened axes
+# clip search, learned ranges (symmetric dense, asymmetric with N:M; calibrated from the
+# weights), int16 (no integer form: stored as float), N:M over several flattened axes
 # with a padded last group (conv1: 3*3*1 = 9). blocks/attn/pos and blocks/conv/pw2 stay float.
 EXPORT_VOCAB = 37
 MICRO_MODEL = dict(num_layers=2, model_dim=32, num_heads=2, ffn_dim=64, conv_kernel_size=4, subsample_channels=8)
 MIXED_RULES = [
     dict(module_path="blocks/ffn1/w_in", weight_bits=8),
     dict(module_path="blocks/ffn1/w_out", weight_bits=4),
-    dict(module_path="blocks/ffn2/w_in", weight_bits=2),
+    dict(module_path="blocks/ffn2/w_in", weight_bits=2, learned_scale=True),
     dict(module_path="blocks/ffn2/w_out", nm="2:4"),
     dict(module_path="blocks/attn/q", nm="1:4"),
     dict(module_path="blocks/attn/k", weight_bits=4, nm="2:4"),
     dict(module_path="blocks/attn/v", weight_bits=2, nm="2:4"),
-    dict(module_path="blocks/attn/out", weight_bits=4, symmetric=False, nm="2:4"),
+    dict(module_path="blocks/attn/out", weight_bits=4, symmetric=False, nm="2:4", learned_scale=True),
     dict(module_path="blocks/conv/pw1", weight_bits=2, symmetric=False),
     dict(module_path="blocks/conv/dw", weight_bits=8, nm="1:4"),
     dict(module_path="subsample/conv1", weight_bits=4, nm="2:4"),
@@ -218,10 +219,12 @@ MIXED_RULES = [
 
 
 def mixed_model(*, prune: bool = True):
-    """(model config, policy, model) of the MIXED_RULES micro model; pruned: one-shot N:M masks."""
+    """(model config, policy, model) of the MIXED_RULES micro model, learned ranges
+    calibrated; pruned: one-shot N:M masks (before the calibration)."""
     from flax import nnx
 
     from usmqs.compress import masks
+    from usmqs.compress.layers import calibrate_ranges
     from usmqs.compress.policy import Policy
     from usmqs.models import presets
     from usmqs.models.conformer import ConformerCTC
@@ -232,6 +235,7 @@ def mixed_model(*, prune: bool = True):
     model = ConformerCTC(cfg, EXPORT_VOCAB, policy=policy, rngs=nnx.Rngs(params=0))
     if prune:
         masks.update_masks(model, 0, force=True)
+    calibrate_ranges(model)
     return cfg, policy, model
 
 
@@ -256,13 +260,17 @@ def fake_quant_kernels(model) -> dict:
 
     out = {}
     for path, layer in compressed_layers(model).items():
-        fn = jax.jit(lambda k, m, l=layer: ops.compressed_weight(k, m, l.spec, contract_axes=l.contract_axes))
+        fn = jax.jit(lambda k, m, r, l=layer: ops.compressed_weight(
+            k, m, l.spec, contract_axes=l.contract_axes, log_range=r))
         k = layer.kernel[...]
-        m = None if layer.mask is None else layer.mask[...]
+        m, _, r = layer.compression_state()
         if k.ndim == len(layer.kernel_shape):
-            out[path] = np.asarray(fn(k, m))
+            out[path] = np.asarray(fn(k, m, r))
         else:
-            out[path] = np.stack([np.asarray(fn(k[i], None if m is None else m[i])) for i in range(k.shape[0])])
+            out[path] = np.stack([
+                np.asarray(fn(k[i], None if m is None else m[i], None if r is None else r[i]))
+                for i in range(k.shape[0])
+            ])
     return out
 
 

@@ -20,6 +20,7 @@ import soundfile as sf
 
 from conftest import ROOT, sigterm_at_batch, tiny_config
 from usmqs import evaluate, preemption, run, train
+from usmqs.compress.export_format import named_leaves
 from usmqs.data import pipeline
 
 
@@ -387,3 +388,56 @@ def test_distillation_pulls_the_compressed_student_to_the_float_teacher(small_co
     comp = first_losses("int4+2:4", 8)
     assert comp[0]["distill_loss"] > 1e-3
     assert comp[-1]["distill_loss"] < 0.7 * comp[0]["distill_loss"], [m["distill_loss"] for m in comp]
+
+
+def test_learned_ranges_start_calibrated_learn_and_get_no_weight_decay(small_corpus, float_run):
+    """init_from a float run under learned ranges (asymmetric int2, LSQ+): every range
+    starts at the clip-searched range of the loaded weights, the teacher is the float
+    weights alone, the steps move the ranges, and weight decay leaves them alone."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from usmqs.compress import ops
+    from usmqs.compress.layers import QuantRange
+
+    cfg, float_dir, _ = float_run
+    tok, batch = _first_batch(cfg, float_dir)
+    c = tiny_config(small_corpus, steps=3)
+    c.init_from = str(float_dir)
+    c.policy.name = "int2a-lsq"
+    c.policy.rules = ({"module_path": ".*", "weight_bits": 2, "symmetric": False, "learned_scale": True},)
+    c.train.distill_weight, c.train.warmup_steps = 0.5, 1
+    setup = run.build(c, tok.vocab_size)
+    state = run.load_float_weights(setup, setup.init_fn(jax.random.PRNGKey(0)), c.init_from)
+    model = nnx.merge(setup.graphdef, state.params, state.rest)
+    layers = {m.path: m for _, m in nnx.iter_modules(model) if getattr(m, "quant_range", None) is not None}
+    assert {"blocks/ffn1/w_in", "ctc/head", "subsample/conv1"} <= set(layers)
+    calibrated = {}
+    for path, layer in layers.items():
+        k = layer.kernel[...]
+        fn = lambda w, l=layer: ops.initial_range(w, l.spec, contract_axes=l.contract_axes)
+        for _ in range(k.ndim - len(layer.kernel_shape)):
+            fn = jax.vmap(fn)
+        calibrated[path] = np.asarray(layer.quant_range[...])
+        np.testing.assert_array_equal(calibrated[path], fn(k), err_msg=path)
+    float_weights = run.load_params(setup, c.init_from)
+    assert not jax.tree.leaves(nnx.filter_state(float_weights, QuantRange))  # the teacher: weights only
+
+    c_decay = copy.deepcopy(c)
+    c_decay.train.weight_decay = 1.0
+    tx, _ = run.make_optimizer(c_decay, setup.policy)
+    opt, zero = tx.init(state.params), jax.tree.map(jnp.zeros_like, state.params)
+    for _ in range(2):  # the first update has LR 0 (warmup from 0)
+        upd, opt = tx.update(zero, opt, state.params)
+    decayed = {k: np.any(np.asarray(v)) for k, v in named_leaves(upd).items()}
+    assert decayed and all(v != k.endswith("quant_range") for k, v in decayed.items()), decayed
+
+    step_fn, batch_sh = train.make_train_step(setup, c)
+    dev = run.device_batch(batch, batch_sh)
+    for _ in range(3):
+        state, metrics = step_fn(state, dev, float_weights)
+        assert np.isfinite(float(metrics["loss"]))
+    trained = nnx.merge(setup.graphdef, state.params, state.rest)
+    moved = {m.path: np.abs(np.asarray(m.quant_range[...]) - calibrated[m.path]).max()
+             for _, m in nnx.iter_modules(trained) if getattr(m, "quant_range", None) is not None}
+    assert all(v > 0 for v in moved.values()), moved

@@ -39,7 +39,7 @@ from usmqs import checkpoints, distributed
 from usmqs import sharding as sharding_lib
 from usmqs.compress import masks as masks_lib
 from usmqs.compress.export_format import named_leaves
-from usmqs.compress.layers import compressible_layers
+from usmqs.compress.layers import QuantRange, calibrate_ranges, compressible_layers
 from usmqs.compress.policy import Policy, policy_from_config
 from usmqs.data import features_jax, pipeline
 from usmqs.data.text import normalize_text
@@ -179,8 +179,12 @@ def make_model(config, vocab_size: int, policy: Policy | None, rng) -> Conformer
     return ConformerCTC(config.model, vocab_size, policy=policy, rngs=nnx.Rngs(params=rng))
 
 
-def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping, and its warmup-cosine learning-rate schedule."""
+def make_optimizer(config, policy: Policy | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping, and its warmup-cosine learning-rate schedule.
+
+    Learned quantization ranges (`QuantRange`, when `policy` has `learned_scale` rules)
+    get no weight decay: it would pull their logs to 0, i.e. every range towards 1.
+    """
     t = config.train
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -191,9 +195,19 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     )
     tx = optax.chain(
         optax.clip_by_global_norm(t.grad_clip),
-        optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-9, weight_decay=t.weight_decay),
+        optax.adamw(
+            schedule, b1=0.9, b2=0.98, eps=1e-9, weight_decay=t.weight_decay,
+            mask=_not_ranges if policy is not None and policy.learns_ranges else None,
+        ),
     )
     return tx, schedule
+
+
+def _not_ranges(params: nnx.State):
+    """True for every weight but the learned quantization ranges (the decay mask)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(getattr(k, "key", None) == "quant_range" for k in path), params
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +229,7 @@ class Setup:
 def build(config, vocab_size: int, mesh=None) -> Setup:
     """Shapes first, then shardings: nothing is allocated here."""
     policy = policy_from_config(config.policy)
-    tx, schedule = make_optimizer(config)
+    tx, schedule = make_optimizer(config, policy)
     mesh = mesh if mesh is not None else sharding_lib.make_mesh(config.mesh)
 
     def init(rng):
@@ -366,17 +380,26 @@ def save_state(ckpts: checkpoints.Checkpoints, state: TrainState, data_state: di
 
 def load_float_weights(setup: Setup, state: TrainState, src: str) -> TrainState:
     """`init_from`: another run's weights (its latest checkpoint), straight into this run's
-    shardings; its optimizer state and masks are not read. Masks are then computed from
-    the loaded weights (the final N:M pattern, as at step 0), so a run with 0 steps is
-    post-training compression of the source model.
+    shardings; its optimizer state, masks and learned ranges are not read. Masks are then
+    computed from the loaded weights (the final N:M pattern, as at step 0), and learned
+    quantization ranges calibrated from the masked weights (`init_ranges`), so a run with
+    0 steps is post-training compression of the source model.
     """
-    return init_masks(setup, state.replace(params=load_params(setup, src)))
+    params = nnx.merge_state(state.params, load_params(setup, src))
+    return init_ranges(setup, init_masks(setup, state.replace(params=params)))
 
 
 def load_params(setup: Setup, src: str):
     """The weights of `src`'s newest restorable checkpoint, shaped and sharded like this
-    run's params (also the distillation teacher's weights)."""
+    run's params (also the distillation teacher's weights): every Param but the learned
+    quantization ranges (`QuantRange`), which a float run does not have."""
     return newest_params(setup, src)[1]
+
+
+def weights_only(params: nnx.State) -> nnx.State:
+    """`params` (or their shardings) without the learned quantization ranges: what a
+    float run has, and what the distillation teacher takes."""
+    return nnx.filter_state(params, nnx.Not(QuantRange))
 
 
 def newest_params(setup: Setup, src: str) -> tuple[int, Any]:
@@ -384,12 +407,13 @@ def newest_params(setup: Setup, src: str) -> tuple[int, Any]:
     sharded like this run's params (`load_params`)."""
     src_dir = pathlib.Path(src)
     mngr = checkpoint_manager(src_dir)
+    shardings = weights_only(setup.state_shardings.params)
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        setup.abstract_state.params,
-        setup.state_shardings.params,
+        weights_only(setup.abstract_state.params),
+        shardings,
     )
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), setup.state_shardings.params)
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
 
     def restore(step):
         check_params_fit(mngr, step, setup.abstract_state.params)
@@ -407,6 +431,21 @@ def newest_params(setup: Setup, src: str) -> tuple[int, Any]:
         raise FileNotFoundError(f"init_from={src}: no checkpoint under {src_dir / CHECKPOINT_DIR}")
     log.info("init_from %s: loaded weights of step %d", src, found[0])
     return found
+
+
+def init_ranges(setup: Setup, state: TrainState) -> TrainState:
+    """Calibrate every learned quantization range from the current (masked) weights
+    (`layers.calibrate_ranges`); `state` itself when the policy learns none."""
+    if setup.policy is None or not setup.policy.learns_ranges:
+        return state
+
+    @functools.partial(jax.jit, out_shardings=setup.state_shardings.params)
+    def compute(params, rest):
+        model = nnx.merge(setup.graphdef, params, rest)
+        calibrate_ranges(model)
+        return nnx.split(model, nnx.Param, ...)[1]
+
+    return state.replace(params=compute(state.params, state.rest))
 
 
 def init_masks(setup: Setup, state: TrainState) -> TrainState:

@@ -74,7 +74,8 @@ def distills(config) -> bool:
 
 def make_train_step(setup: run.Setup, config):
     """The jitted, donated step: `step(state, batch)`, or with distillation (`distills`)
-    `step(state, batch, teacher_params)` (the init_from weights, sharded like `params`).
+    `step(state, batch, teacher_params)` (the init_from weights, sharded like `params`:
+    `run.load_params`).
     Returns it and the batch's shardings (`run.batch_shardings`): with
     ``data.features_on_device`` the batch is audio and the step computes the features."""
     graphdef, tx = setup.graphdef, setup.tx
@@ -128,7 +129,7 @@ def make_train_step(setup: run.Setup, config):
     batch_sh = run.batch_shardings(config, setup.mesh)
     in_shardings = (setup.state_shardings, batch_sh)
     if distill:
-        in_shardings += (setup.state_shardings.params,)
+        in_shardings += (run.weights_only(setup.state_shardings.params),)
     jitted = jax.jit(
         train_step,
         in_shardings=in_shardings,
@@ -292,8 +293,8 @@ def initial_state(config, setup: run.Setup, ckpts: checkpoints.Checkpoints, it) 
         return state
     state = setup.init_fn(jax.random.PRNGKey(config.seed))
     if config.init_from:
-        state = run.load_float_weights(setup, state, config.init_from)
-    return state
+        return run.load_float_weights(setup, state, config.init_from)
+    return run.init_ranges(setup, state)
 
 
 def _train_loop(config, workdir, setup, step, state, it, ckpts) -> run.TrainState:

@@ -28,14 +28,16 @@ def _encode_stacked(layer, encoding: IndexEncoding) -> tuple[PackedKernel, int]:
     """Every stacked layer of `layer` encoded: (PackedKernel with stack axes leading, stack rank)."""
     lay = Layout.of(layer, encoding)
     kernel = layer.kernel[...]
-    mask = None if layer.mask is None else layer.mask[...]
+    mask, _, log_range = layer.compression_state()
     if kernel.ndim == len(lay.layer_shape):
-        comps, nm_ok = codec.encode(lay, kernel, mask)
+        comps, nm_ok = codec.encode(lay, kernel, mask, log_range)
         assert nm_ok is None or bool(nm_ok)
         return PackedKernel(lay, **comps), 0
     per_layer = []
     for i in range(kernel.shape[0]):
-        comps, nm_ok = codec.encode(lay, kernel[i], None if mask is None else mask[i])
+        comps, nm_ok = codec.encode(
+            lay, kernel[i], None if mask is None else mask[i], None if log_range is None else log_range[i]
+        )
         assert nm_ok is None or bool(nm_ok)
         per_layer.append(comps)
     return PackedKernel(lay, **jax.tree.map(lambda *a: jnp.stack(a), *per_layer)), 1

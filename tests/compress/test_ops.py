@@ -292,6 +292,65 @@ def test_quantize_weight_dequantizes_to_the_fake_quant_weight(bits, symmetric, c
         assert set(np.unique(np.asarray(qa.qvalue).astype(int))) <= {-2, -1, 0, 1}
 
 
+@pytest.mark.parametrize("bits, symmetric", [(8, False), (4, True), (2, True), (2, False)])
+@pytest.mark.parametrize("block", [None, 8])
+def test_learned_range_starts_at_the_clip_searched_quantizer_and_exports_as_it_runs(bits, symmetric, block):
+    w = jax.random.t(jax.random.key(12), 3.0, (3, 16, 8))  # conv [k, in, out], heavy tails
+    sub = dict(granularity=Granularity.SUB_CHANNEL, block_size=block) if block else {}
+    learned = WeightSpec(weight_bits=bits, symmetric=symmetric, learned_scale=True, nm=(2, 4), **sub)
+    searched = WeightSpec(weight_bits=bits, symmetric=symmetric, clip_search=True, nm=(2, 4), **sub)
+    mask = ops.nm_mask(w, 2, 4, axis=(0, 1))
+    x = jnp.where(mask, w, 0)
+    log_range = ops.initial_range(x, learned, contract_axes=(0, 1))
+    groups = 8 * (16 // block if block else 1)
+    assert log_range.shape == ops.range_shape(w.shape, learned, (0, 1)) == (
+        (1 if symmetric else 2), 1, *((2, 8) if block else (1, 8)))
+    y = np.asarray(ops.compressed_weight(w, mask, learned, contract_axes=(0, 1), log_range=log_range))
+    ref = np.asarray(ops.compressed_weight(w, mask, searched, contract_axes=(0, 1)))
+    # exp(log r) is r to an ulp, so a weight exactly on the range's end (at most one per
+    # group) may round to the neighbouring level; every other weight gets the same value.
+    close = np.isclose(y, ref, rtol=1e-5, atol=1e-7)
+    assert (~close).sum() <= groups
+    qa = ops.quantize_weight(w, mask, learned, contract_axes=(0, 1), log_range=log_range)
+    assert qa.qvalue.dtype == (jnp.int8 if bits == 8 else jnp.int4) and (qa.zero_point is None) == symmetric
+    np.testing.assert_array_equal(qwix.dequantize(qa), y)  # served == fake quant, bit for bit
+    with pytest.raises(ValueError, match="needs the layer's range parameter"):
+        ops.compressed_weight(w, mask, learned, contract_axes=(0, 1))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_learned_range_gradients_are_lsq(bits):
+    """Symmetric grid, s = hi / (q_max + 1/2), hi = exp(c): a weight inside the range gets
+    the upstream gradient, one outside none; dL/dc = s · Σ g (round(w/s) − w/s) inside
+    + s · Σ g q_clip outside (Esser et al. 2020, eq. 3, times ds/dc = s)."""
+    w = jax.random.normal(jax.random.key(13), (32, 3))
+    g = jax.random.normal(jax.random.key(14), (32, 3))
+    spec = WeightSpec(weight_bits=bits, learned_scale=True)
+    c = ops.initial_range(w, spec, contract_axes=(0,)) - 0.4  # a narrower range: some clipped
+    _, vjp = jax.vjp(lambda w, c: ops.compressed_weight(w, None, spec, contract_axes=(0,), log_range=c), w, c)
+    gw, gc = map(np.asarray, vjp(g))
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    s = np.exp(np.asarray(c, np.float64)[0]) / (qmax + 0.5)  # [1, 3]
+    v = np.asarray(w, np.float64) / s
+    r = np.round(v)
+    inside = (r >= qmin) & (r <= qmax)
+    assert inside.any() and (~inside).any()
+    np.testing.assert_allclose(gw, np.where(inside, np.asarray(g), 0), rtol=1e-6)  # g · (1/s) · s
+    dyds = np.where(inside, r - v, np.clip(r, qmin, qmax))
+    np.testing.assert_allclose(gc[0], (s * (np.asarray(g) * dyds).sum(0, keepdims=True)), rtol=1e-4, atol=1e-6)
+
+
+def test_learned_range_keeps_the_pruning_gradient():
+    w = jax.random.normal(jax.random.key(15), (16, 6))
+    g = jax.random.normal(jax.random.key(16), (16, 6))
+    spec = WeightSpec(weight_bits=4, nm=(2, 4), prune_grad=PruneGrad.SRSTE, srste_lambda=0.3, learned_scale=True)
+    mask = ops.nm_mask(w, 2, 4, axis=0)
+    c = ops.initial_range(jnp.where(mask, w, 0), spec, contract_axes=(0,))
+    _, vjp = jax.vjp(lambda w: ops.compressed_weight(w, mask, spec, contract_axes=(0,), log_range=c), w)
+    gw, g, w, mask = map(np.asarray, (vjp(g)[0], g, w, mask))
+    np.testing.assert_allclose(gw[~mask], g[~mask] + np.float32(0.3) * w[~mask], rtol=1e-6)
+
+
 def test_int8_serving_dot_has_int8_operands_and_int32_accumulator():
     w = jax.random.normal(jax.random.key(6), (32, 16))
     spec = WeightSpec(weight_bits=8)

@@ -121,6 +121,8 @@ def test_from_config_takes_ml_collections_config_dicts():
     ([{"weight_bits": 4, "granularity": "sub_channel"}], "block_size must be an int >= 1"),
     ([{"weight_bits": 4, "block_size": 32}], "only meaningful with Granularity.SUB_CHANNEL"),
     ([{"module_path": "(", "weight_bits": 4}], "not a valid regex"),
+    ([{"nm": "2:4", "learned_scale": True}], "learned_scale needs integer weight_bits"),
+    ([{"weight_bits": 4, "learned_scale": True, "runtime": True}], "learned_scale: a learned range belongs to one bit width"),
 ])
 def test_from_config_errors(rules, message):
     with pytest.raises(ValueError, match=message):

@@ -133,10 +133,10 @@ def _encoder(lay: Layout) -> Callable:
     """Jitted `encode` of one layout (cached: one compilation per distinct layer)."""
     spec = lay.spec
 
-    def encode_layer(kernel, mask):
+    def encode_layer(kernel, mask, log_range):
         out = {}
         if lay.kind is Kind.QUANTIZED:
-            qa = ops.quantize_weight(kernel, mask, spec, contract_axes=lay.contract_axes)
+            qa = ops.quantize_weight(kernel, mask, spec, contract_axes=lay.contract_axes, log_range=log_range)
             q = qa.qvalue.astype(jnp.int8)  # int4 storage -> int8: same integers
             out["scale"] = qa.scale
             if qa.zero_point is not None:
@@ -146,7 +146,7 @@ def _encoder(lay: Layout) -> Callable:
                 return out, None
             kept_src = q
         else:
-            w = ops.compressed_weight(kernel, mask, spec, contract_axes=lay.contract_axes)
+            w = ops.compressed_weight(kernel, mask, spec, contract_axes=lay.contract_axes, log_range=log_range)
             if lay.nm is None:
                 out["values"] = w
                 return out, None
@@ -163,14 +163,17 @@ def _encoder(lay: Layout) -> Callable:
     return jax.jit(encode_layer)
 
 
-def encode(lay: Layout, kernel: jax.Array, mask: jax.Array | None) -> tuple[dict[str, jax.Array], jax.Array | None]:
-    """One layer's kernel and mask ``[*layer_shape]`` -> (stored components, nm_ok).
+def encode(
+    lay: Layout, kernel: jax.Array, mask: jax.Array | None, log_range: jax.Array | None = None
+) -> tuple[dict[str, jax.Array], jax.Array | None]:
+    """One layer's kernel and mask ``[*layer_shape]`` (and its learned range, for a
+    `learned_scale` spec: `ops.range_shape`) -> (stored components, nm_ok).
 
     Components as in the module docstring, without stack axes. `nm_ok` (bool scalar, None
     for dense layouts) says whether the mask meets the N:M contract along ``nm_axes``;
     when it is False the components do not describe the kernel.
     """
-    return _encoder(lay)(kernel, mask)
+    return _encoder(lay)(kernel, mask, log_range)
 
 
 def stored_nbytes(lay: Layout) -> dict[str, int]:
@@ -178,7 +181,10 @@ def stored_nbytes(lay: Layout) -> dict[str, int]:
     `encode` traced abstractly (`jax.eval_shape`), nothing computed."""
     kernel = jax.ShapeDtypeStruct(lay.layer_shape, jnp.float32)
     mask = jax.ShapeDtypeStruct(lay.layer_shape, jnp.bool_) if lay.nm else None
-    out, _ = jax.eval_shape(functools.partial(encode, lay), kernel, mask)
+    log_range = None
+    if lay.spec.learned_scale:
+        log_range = jax.ShapeDtypeStruct(ops.range_shape(lay.layer_shape, lay.spec, lay.contract_axes), jnp.float32)
+    out, _ = jax.eval_shape(functools.partial(encode, lay), kernel, mask, log_range)
     return {k: math.prod(a.shape) * a.dtype.itemsize for k, a in out.items()}
 
 

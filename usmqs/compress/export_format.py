@@ -210,15 +210,19 @@ def _layout_from_record(name: str, rec: dict) -> Layout:
 # =========================================================================== writing
 
 
-def _encode_tensor(name: str, layer: Dense | Conv, lay: Layout, kernel, mask) -> tuple[dict, dict]:
-    """Encode every stacked layer of one compressed kernel: (components, tensor record)."""
+def _encode_tensor(name: str, layer: Dense | Conv, lay: Layout, kernel, mask, log_range=None) -> tuple[dict, dict]:
+    """Encode every stacked layer of one compressed kernel (and its learned range, if
+    any): (components, tensor record)."""
     stack = tuple(kernel.shape[: kernel.ndim - len(lay.layer_shape)])
     s = math.prod(stack)
     kernel = kernel.reshape((s, *lay.layer_shape))
     mask = None if mask is None else mask.reshape((s, *lay.layer_shape))
+    log_range = None if log_range is None else log_range.reshape((s, *log_range.shape[len(stack):]))
     per_layer: dict[str, list[np.ndarray]] = {}
     for i in range(s):
-        out, nm_ok = codec.encode(lay, kernel[i], None if mask is None else mask[i])
+        out, nm_ok = codec.encode(
+            lay, kernel[i], None if mask is None else mask[i], None if log_range is None else log_range[i]
+        )
         if nm_ok is not None and not bool(nm_ok):
             n, m = lay.nm
             raise ExportError(
@@ -256,7 +260,9 @@ def _encode_model(
     for path, module in nnx.iter_modules(model):
         if isinstance(module, Dense | Conv) and module.spec is not None:
             compressed["/".join(map(str, path)) + "/kernel"] = module
-    names = list(named_leaves(params))
+    # A learned range is stored as the scales (and zero points) it sets, not as a tensor.
+    ranges = {k[: -len("kernel")] + "quant_range" for k, m in compressed.items() if m.quant_range is not None}
+    names = [n for n in named_leaves(params) if n not in ranges]
     if read_arrays is None:
         def read_arrays(wanted, _model_state=named_leaves(nnx.state(model))):
             return {n: _model_state[n] for n in wanted}
@@ -264,10 +270,12 @@ def _encode_model(
     for name in names:
         if name in compressed:
             layer = compressed[name]
-            mask_name = name[: -len("kernel")] + "mask"
-            got = read_arrays([name] + ([mask_name] if layer.mask is not None else []))
+            prefix = name[: -len("kernel")]
+            extra = [prefix + v for v in ("mask", "quant_range") if getattr(layer, v) is not None]
+            got = read_arrays([name] + extra)
             arrays[name], tensors[name] = _encode_tensor(
-                name, layer, Layout.of(layer, encoding), got[name], got.get(mask_name)
+                name, layer, Layout.of(layer, encoding), got[name], got.get(prefix + "mask"),
+                got.get(prefix + "quant_range"),
             )
             del got
         else:

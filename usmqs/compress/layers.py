@@ -31,6 +31,15 @@ class SparsityMask(nnx.Variable):
     """
 
 
+class QuantRange(nnx.Param):
+    """The learned quantization range of a layer under a `WeightSpec.learned_scale` spec:
+    [1, *groups] log hi (symmetric) or [2, *groups] log −lo, log hi (asymmetric), one
+    entry per scale group (`ops.range_shape`). A Param, so trained with the weights (no
+    weight decay: `usmqs.run.make_optimizer`), checkpointed and restored with them; its
+    value at the start of a run comes from `calibrate_ranges`.
+    """
+
+
 class CompressionSetting(nnx.Variable):
     """int32 [bits, N] of a layer under a runtime spec (`WeightSpec.runtime`): the bit
     width (0 = float values) and the N of N:M (N = M: dense) the compiled step applies.
@@ -98,14 +107,34 @@ def stacked_effective_kernel(node: _Compressible, layer_axes: int) -> jax.Array:
     stacked axes (scan over layers): each stacked layer masked and fake-quantized on its own."""
     spec, axes = node.spec, node.contract_axes
 
-    def one(w, mask, setting):
-        return ops.compressed_weight(w, mask, spec, contract_axes=axes, setting=setting)
+    def one(w, mask, setting, log_range):
+        return ops.compressed_weight(w, mask, spec, contract_axes=axes, setting=setting, log_range=log_range)
 
     for _ in range(layer_axes):
         one = jax.vmap(one)
-    mask = None if node.mask is None else node.mask[...]
-    setting = None if node.setting is None else node.setting[...]
-    return one(node.kernel[...], mask, setting)
+    return one(node.kernel[...], *node.compression_state())
+
+
+def calibrate_ranges(model: nnx.Module) -> int:
+    """Set every learned range of `model` (`QuantRange`) to the clip-searched range of
+    its layer's masked kernel now (`ops.initial_range`): where a run with learned ranges
+    starts, after its weights and masks are in place. Returns how many layers."""
+    count = 0
+    for _, node in nnx.iter_graph(model):
+        if not isinstance(node, _Compressible) or node.quant_range is None:
+            continue
+        spec, axes = node.spec, node.contract_axes
+
+        def one(w, mask):
+            x = w if mask is None else jnp.where(mask, w, jnp.zeros_like(w))
+            return ops.initial_range(x, spec, contract_axes=axes)
+
+        w = node.kernel[...]
+        for _ in range(w.ndim - len(node.kernel_shape)):
+            one = jax.vmap(one)
+        node.quant_range[...] = one(w, None if node.mask is None else node.mask[...])
+        count += 1
+    return count
 
 
 def _resolve(policy: Policy | None, path: str) -> WeightSpec | None:
@@ -145,6 +174,24 @@ class _Compressible(nnx.Module):
             if runtime
             else None
         )
+        self.quant_range = self._range_param(axes, param_dtype)
+
+    def _range_param(self, axes, param_dtype) -> QuantRange | None:
+        """The learned range of a `learned_scale` spec, else None: a placeholder (log 1)
+        until `calibrate_ranges` sees the weights; sharded like the kernel's output-channel
+        axes, replicated along the rest."""
+        if self.spec is None or not self.spec.learned_scale:
+            return None
+        channel, _ = ops.quant_axes(self.kernel_shape, self.spec, self.contract_axes)
+        range_axes = (None, *(a if i in channel else None for i, a in enumerate(axes)))
+        return QuantRange(
+            jnp.zeros(ops.range_shape(self.kernel_shape, self.spec, self.contract_axes), param_dtype),
+            out_sharding=range_axes, eager_sharding=False,
+        )
+
+    def compression_state(self) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
+        """(mask, runtime setting, learned range) values, None where the layer has none."""
+        return tuple(None if v is None else v[...] for v in (self.mask, self.setting, self.quant_range))
 
     def effective_kernel(self) -> jax.Array:
         """The weight as served: mask, then fake-quant (STE); W itself when float; the
@@ -152,10 +199,10 @@ class _Compressible(nnx.Module):
         value = self.kernel.get_value()
         if isinstance(value, EncodedKernel):
             return value.decode()
-        mask = None if self.mask is None else self.mask[...]
-        setting = None if self.setting is None else self.setting[...]
+        mask, setting, log_range = self.compression_state()
         return ops.compressed_weight(
-            self.kernel[...], mask, self.spec, contract_axes=self.contract_axes, setting=setting
+            self.kernel[...], mask, self.spec, contract_axes=self.contract_axes, setting=setting,
+            log_range=log_range,
         )
 
 

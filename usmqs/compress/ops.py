@@ -152,8 +152,7 @@ def _split(x: jax.Array, channel: tuple[int, ...], tiled: dict[int, int]):
 
 def _asymmetric_scale_zero(xs: jax.Array, red, qmin: int, qmax: int) -> tuple[jax.Array, jax.Array]:
     """Asymmetric (minmax) scale and zero point per group of `xs` (module docstring)."""
-    lo = jnp.minimum(jnp.min(xs, axis=red, keepdims=True), 0)
-    hi = jnp.maximum(jnp.max(xs, axis=red, keepdims=True), 0)
+    lo, hi = _calibrated_range(xs, red, symmetric=False)
     scale = (hi - lo) / (qmax - qmin)
     scale = jnp.where(scale < jnp.sqrt(jnp.finfo(xs.dtype).tiny), jnp.ones_like(scale), scale)
     return scale, _plus_zero(jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax))
@@ -188,20 +187,22 @@ def _plus_zero(q: jax.Array) -> jax.Array:
     return jnp.where(q == 0, jnp.zeros_like(q), q)
 
 
-def _clip_searched(x: jax.Array, spec: WeightSpec, channel, tiled) -> jax.Array:
-    """x clipped per scale group to r*·range, r* = argmin_r ||qdq(clip(x, r·range)) − x||².
-
-    Clipping to r·[lo, hi] makes the calibrated range exactly r·[lo, hi], so qwix's own
-    absmax/minmax calibration of the clipped tensor realises the chosen scale. Ties keep
-    the larger r (r = 1 is tried first). Cost: len(CLIP_RATIOS) elementwise qdq passes.
-    """
-    xs, red = _split(x, channel, tiled)
-    if spec.symmetric:
+def _calibrated_range(xs: jax.Array, red, symmetric: bool) -> tuple[jax.Array, jax.Array]:
+    """(lo, hi) of each scale group of the split view `xs`: ±max|x| (symmetric) or
+    min(min x, 0), max(max x, 0) (asymmetric), the ranges qwix's absmax/minmax calibrate."""
+    if symmetric:
         hi = jnp.max(jnp.abs(xs), axis=red, keepdims=True)
-        lo = -hi
-    else:
-        lo = jnp.minimum(jnp.min(xs, axis=red, keepdims=True), 0)
-        hi = jnp.maximum(jnp.max(xs, axis=red, keepdims=True), 0)
+        return -hi, hi
+    lo = jnp.minimum(jnp.min(xs, axis=red, keepdims=True), 0)
+    return lo, jnp.maximum(jnp.max(xs, axis=red, keepdims=True), 0)
+
+
+def _best_clip_ratio(x: jax.Array, spec: WeightSpec, channel, tiled) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(r*, lo, hi) per scale group (split view): r* = argmin_r ||qdq(clip(x, r·[lo, hi])) − x||²
+    over `CLIP_RATIOS`; ties keep the larger r (r = 1 is tried first). Cost:
+    len(CLIP_RATIOS) elementwise qdq passes."""
+    xs, red = _split(x, channel, tiled)
+    lo, hi = _calibrated_range(xs, red, spec.symmetric)
     best_err = jnp.full(hi.shape, jnp.inf, x.dtype)
     best_r = jnp.ones(hi.shape, x.dtype)
     for r in CLIP_RATIOS:
@@ -211,7 +212,91 @@ def _clip_searched(x: jax.Array, spec: WeightSpec, channel, tiled) -> jax.Array:
         better = err < best_err
         best_err = jnp.where(better, err, best_err)
         best_r = jnp.where(better, jnp.asarray(r, x.dtype), best_r)
+    return best_r, lo, hi
+
+
+def _clip_searched(x: jax.Array, spec: WeightSpec, channel, tiled) -> jax.Array:
+    """x clipped per scale group to r*·range (`_best_clip_ratio`).
+
+    Clipping to r·[lo, hi] makes the calibrated range exactly r·[lo, hi], so qwix's own
+    absmax/minmax calibration of the clipped tensor realises the chosen scale.
+    """
+    best_r, lo, hi = _best_clip_ratio(x, spec, channel, tiled)
+    xs, _ = _split(x, channel, tiled)
     return jnp.clip(xs, best_r * lo, best_r * hi).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Learned ranges (WeightSpec.learned_scale)
+# ---------------------------------------------------------------------------------------
+
+
+def range_shape(shape: Sequence[int], spec: WeightSpec, contract_axes: Sequence[int]) -> tuple[int, ...]:
+    """Shape of a learned-range layer's range parameter for a kernel of `shape`:
+    [1, *groups] (log hi) when symmetric, [2, *groups] (log −lo, log hi) when asymmetric,
+    with groups the kernel's rank and one entry per scale group (qwix's scale layout)."""
+    channel, tiled = quant_axes(shape, spec, contract_axes)
+    return (1 if spec.symmetric else 2, *_group_shape(shape, channel, tiled))
+
+
+def _group_shape(shape, channel, tiled) -> tuple[int, ...]:
+    """One entry per scale group, same rank as the kernel (qwix's scale layout)."""
+    return tuple(d if a in channel else (d // tiled[a] if a in tiled else 1) for a, d in enumerate(shape))
+
+
+def initial_range(x: jax.Array, spec: WeightSpec, *, contract_axes: Sequence[int]) -> jax.Array:
+    """The range parameter (`range_shape`) a learned-range layer starts from: the
+    clip-searched range r*·[lo, hi] of the (masked) kernel `x` (`_best_clip_ratio`), in
+    logs; a range below sqrt(tiny) (an all-zero group, or lo = 0) is floored there."""
+    channel, tiled = quant_axes(x.shape, spec, contract_axes)
+    best_r, lo, hi = _best_clip_ratio(x, spec, channel, tiled)
+    floor = jnp.sqrt(jnp.finfo(x.dtype).tiny)
+    group = _group_shape(x.shape, channel, tiled)
+    ends = [best_r * hi] if spec.symmetric else [-best_r * lo, best_r * hi]
+    return jnp.stack([jnp.log(jnp.maximum(e, floor)).reshape(group) for e in ends])
+
+
+def _round_ste(v: jax.Array) -> jax.Array:
+    """round(v) (half to even, −0 made +0) forward, identity gradient. Exact: v + (r − v)
+    is r for every float v (|r − v| <= ½ and r − v is exact)."""
+    return v + jax.lax.stop_gradient(_plus_zero(jnp.round(v)) - v)
+
+
+def _clip_codes(v: jax.Array, qmin: int, qmax: int) -> jax.Array:
+    """clip(v, qmin, qmax) whose gradient is 1 on the whole closed range (jnp.clip halves
+    it at the ends: a code that rounds exactly to q_max would get half its gradient)."""
+    return jnp.where(v < qmin, jnp.asarray(qmin, v.dtype), jnp.where(v > qmax, jnp.asarray(qmax, v.dtype), v))
+
+
+def _learned_codes(x: jax.Array, log_range: jax.Array, bits: int, symmetric: bool, channel, tiled):
+    """(q, scale, zero point or None) of `x` under a learned range, in the split view of
+    `_split` (so ŵ = q·s, or (q − z)·s, broadcasts against it). The module docstring's
+    equations with [lo, hi] the learned range instead of the calibrated one; rounding
+    passes the gradient straight through (LSQ), clipping does not (a clipped weight's
+    gradient goes to the range)."""
+    xs, _ = _split(x, channel, tiled)
+    view = []  # one entry per group, broadcasting against xs
+    for a, d in enumerate(x.shape):
+        view += [d] if a in channel else ([d // tiled[a], 1] if a in tiled else [1])
+    ends = jnp.exp(log_range).reshape((log_range.shape[0], *view))
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    tiny = jnp.sqrt(jnp.finfo(x.dtype).tiny)
+    if symmetric:
+        scale = ends[0] / (qmax + 0.5)
+        scale = jnp.where(scale < tiny, jnp.ones_like(scale), scale)
+        return _clip_codes(_round_ste(xs / scale), qmin, qmax), scale, None
+    scale = (ends[1] + ends[0]) / (qmax - qmin)
+    scale = jnp.where(scale < tiny, jnp.ones_like(scale), scale)
+    zp = _clip_codes(_round_ste(qmin + ends[0] / scale), qmin, qmax)
+    return _clip_codes(_round_ste(xs / scale + zp), qmin, qmax), scale, zp
+
+
+def _learned_qdq(x: jax.Array, log_range: jax.Array, spec: WeightSpec, contract_axes) -> jax.Array:
+    """Ŵ of `x` under its learned range (`_learned_codes`), differentiable in both."""
+    channel, tiled = quant_axes(x.shape, spec, contract_axes)
+    q, scale, zp = _learned_codes(x, log_range, spec.weight_bits, spec.symmetric, channel, tiled)
+    y = q * scale if zp is None else (q - zp) * scale
+    return y.reshape(x.shape)
 
 
 def fake_quant(w: jax.Array, spec: WeightSpec, *, contract_axes: Sequence[int]) -> jax.Array:
@@ -225,7 +310,8 @@ def fake_quant(w: jax.Array, spec: WeightSpec, *, contract_axes: Sequence[int]) 
 
 
 def quantize_weight(
-    w: jax.Array, mask: jax.Array | None, spec: WeightSpec, *, contract_axes: Sequence[int]
+    w: jax.Array, mask: jax.Array | None, spec: WeightSpec, *, contract_axes: Sequence[int],
+    log_range: jax.Array | None = None,
 ) -> qwix.QArray:
     """The integer form of W_eff for serving/export: a qwix.QArray with
 
@@ -233,12 +319,15 @@ def quantize_weight(
 
     (forward value). qvalue dtype int8 / int4 (int2 stored in int4, qtype 'int2');
     `zero_point` is set for asymmetric specs. int16 has no QArray form (qwix stores at
-    most one byte per value): ValueError.
+    most one byte per value): ValueError. `log_range`: a learned-range spec's range
+    parameter (`WeightSpec.learned_scale`), which sets the scales instead of calibration.
     """
     if spec.weight_bits is None or spec.weight_bits > 8:
         raise ValueError(f"no integer QArray form for weight_bits={spec.weight_bits}")
     x = w if mask is None else jnp.where(mask, w, jnp.zeros_like(w))
     channel, tiled = quant_axes(x.shape, spec, contract_axes)
+    if spec.learned_scale:
+        return _learned_qarray(x, _need_range(spec, log_range), spec, channel, tiled)
     if spec.clip_search:
         x = _clip_searched(x, spec, channel, tiled)
     qtype = _qwix_qtype(spec.weight_bits, spec.symmetric)
@@ -253,12 +342,29 @@ def quantize_weight(
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     scale, zp = _asymmetric_scale_zero(xs, red, qmin, qmax)
     q = jnp.clip(jnp.round(xs / scale + zp), qmin, qmax).reshape(x.shape)
-    # Scale/zero point back to qwix's layout: one entry per group, same rank as x.
-    group_shape = tuple(
-        d if a in channel else (d // tiled[a] if a in tiled else 1) for a, d in enumerate(x.shape)
-    )
+    group_shape = _group_shape(x.shape, channel, tiled)  # qwix's layout of scale / zero point
     return qwix.QArray(
         q.astype(jnp.int4), scale.reshape(group_shape), zp.reshape(group_shape).astype(jnp.int4), "int2"
+    )
+
+
+def _need_range(spec: WeightSpec, log_range: jax.Array | None) -> jax.Array:
+    if log_range is None:
+        raise ValueError(f"a learned-range spec needs the layer's range parameter (QuantRange): {spec}")
+    return log_range
+
+
+def _learned_qarray(x: jax.Array, log_range: jax.Array, spec: WeightSpec, channel, tiled) -> qwix.QArray:
+    """`quantize_weight` of a learned-range spec: the codes, scales and zero points of
+    `_learned_codes` in qwix's layout (int8 stored as int8, int4 and int2 in int4)."""
+    bits = spec.weight_bits
+    q, scale, zp = _learned_codes(x, log_range, bits, spec.symmetric, channel, tiled)
+    group = _group_shape(x.shape, channel, tiled)
+    store = jnp.int8 if bits == 8 else jnp.int4
+    qtype = "int2" if bits == 2 else store
+    return qwix.QArray(
+        q.reshape(x.shape).astype(store), scale.reshape(group),
+        None if zp is None else zp.reshape(group).astype(store), qtype,
     )
 
 
@@ -299,6 +405,25 @@ def _compressed_bwd(spec, contract_axes, res, g):
 _compressed.defvjp(_compressed_fwd, _compressed_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _masked(w, mask, spec):
+    """mask ⊙ W with the pruning gradient of `spec` (`_compressed_bwd`'s rules), for a
+    learned-range spec, whose quantization is differentiated as it is written."""
+    return w if mask is None else jnp.where(mask, w, jnp.zeros_like(w))
+
+
+def _masked_fwd(w, mask, spec):
+    keep_w = mask is not None and spec.prune_grad is PruneGrad.SRSTE
+    return _masked(w, mask, spec), (mask, w if keep_w else None)
+
+
+def _masked_bwd(spec, res, g):
+    return _compressed_bwd(spec, None, res, g)[:2]
+
+
+_masked.defvjp(_masked_fwd, _masked_bwd)
+
+
 def compressed_weight(
     w: jax.Array,
     mask: jax.Array | None,
@@ -306,6 +431,7 @@ def compressed_weight(
     *,
     contract_axes: tuple[int, ...],
     setting: jax.Array | None = None,
+    log_range: jax.Array | None = None,
 ) -> jax.Array:
     """W_eff = fake_quant(mask ⊙ W) with straight-through gradients; `w` itself when spec is None.
 
@@ -327,10 +453,17 @@ def compressed_weight(
       contract_axes: kernel axes contracted with the input (Dense (0,); conv window + in).
       setting: for a runtime spec (`WeightSpec.runtime`), the layer's int32 [bits, N]
         (`runtime_fake_quant`); None applies the spec's own fields (export, serving).
+      log_range: for a learned-range spec (`WeightSpec.learned_scale`), the layer's range
+        parameter (`range_shape`). Then the quantizer is differentiated as written (LSQ):
+        rounding passes the gradient through, a weight outside the range gets none (its
+        gradient goes to the range), and the range gets the gradient of the scale (and
+        zero point) it sets; the pruning gradient above applies to mask ⊙ W.
     """
     if spec is None:
         return w
     axes = _norm_axes(contract_axes, w.ndim)
+    if spec.learned_scale:
+        return _learned_qdq(_masked(w, mask, spec), _need_range(spec, log_range), spec, axes)
     if spec.runtime and setting is not None:
         return _compressed(w, mask, setting[0], spec, axes)
     return _compressed(w, mask, None, spec.static(), axes)

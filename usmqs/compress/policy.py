@@ -150,6 +150,13 @@ class WeightSpec:
     # Per scale group, pick the clip ratio r in `ops.CLIP_RATIOS` that minimises
     # ||fq(clip(W, r·range)) − W||²; r = 1 is plain absmax/minmax.
     clip_search: bool = False
+    # Learned quantization ranges (LSQ, Esser et al. 2020, with LSQ+'s learned offset for
+    # asymmetric grids, Bhalgat et al. 2020): each scale group's range is a trained
+    # parameter of the layer (`layers.QuantRange`: log hi, and log −lo when asymmetric)
+    # that sets its scale (and zero point); a run starts it at the clip-searched range of
+    # its weights (`layers.calibrate_ranges`). See `ops.compressed_weight`. Static
+    # settings only (not `runtime`); `clip_search` is then unused.
+    learned_scale: bool = False
     # N:M pattern (keep N of every M along `nm_axis`), or None for no pruning.
     nm: tuple[int, int] | None = None
     # Kernel axis (or axes, flattened in order) along which groups of M run; None = the
@@ -242,6 +249,13 @@ def _validate_behaviour(obj: Any, owner: str) -> None:
         raise TypeError(f"{owner}.prune_grad must be a PruneGrad, got {obj.prune_grad!r}")
     if not obj.srste_lambda >= 0:
         raise ValueError(f"{owner}.srste_lambda must be >= 0, got {obj.srste_lambda!r}")
+    if obj.learned_scale and obj.weight_bits is None:
+        raise ValueError(f"{owner}.learned_scale needs integer weight_bits (a range to learn), got None")
+    if obj.learned_scale and obj.runtime:
+        raise ValueError(
+            f"{owner}.learned_scale: a learned range belongs to one bit width; runtime settings "
+            "switch widths inside one program (use runtime=False)"
+        )
     if obj.runtime:
         problems = runtime_value_problems(obj.weight_bits, obj.nm)
         if isinstance(obj.mask_schedule, Gradual):  # N is the layer's setting: no ramp
@@ -309,19 +323,21 @@ def setting_rules(
     prune_grad: PruneGrad = WeightSpec.prune_grad,
     srste_lambda: float = WeightSpec.srste_lambda,
     symmetric: bool = True,
+    learned_scale: bool = False,
 ) -> tuple[Rule, ...]:
     """The rules of a whole-model setting (`Policy.named`'s, for any bits and N:M): every
     layer at `bits` with N:M `nm`, except `NM_EXEMPT`, which keeps `bits` dense; () for
-    float. The pruning options go to the N:M rule (see `Policy.named`); `symmetric` to
-    both (`WeightSpec.symmetric`)."""
+    float. The pruning options go to the N:M rule (see `Policy.named`); `symmetric` and
+    `learned_scale` (integer bits only) to both (`WeightSpec`)."""
     if bits is None and nm is None and not runtime:
         return ()
     pruning = {}
     if nm is not None or runtime:
         pruning = dict(mask_schedule=mask_schedule, prune_grad=prune_grad, srste_lambda=srste_lambda)
-    rules = [Rule(".*", WeightSpec(weight_bits=bits, nm=nm, runtime=runtime, symmetric=symmetric, **pruning))]
+    values = dict(weight_bits=bits, runtime=runtime, symmetric=symmetric, learned_scale=learned_scale and bits is not None)
+    rules = [Rule(".*", WeightSpec(nm=nm, **values, **pruning))]
     if nm is not None or runtime:  # runtime: the same two rules for every name
-        rules.insert(0, Rule(NM_EXEMPT, WeightSpec(weight_bits=bits, runtime=runtime, symmetric=symmetric)))
+        rules.insert(0, Rule(NM_EXEMPT, WeightSpec(**values)))
     return tuple(rules)
 
 
@@ -377,6 +393,11 @@ class Policy:
         if isinstance(rules, Mapping | str) or _as_mapping(rules) is not None:
             raise TypeError("Policy.from_config takes a list of rule dicts")
         return cls(rules=tuple(_rule_from_dict(i, d) for i, d in enumerate(rules)))
+
+    @property
+    def learns_ranges(self) -> bool:
+        """Whether some rule trains its quantization ranges (`WeightSpec.learned_scale`)."""
+        return any(r.spec.learned_scale for r in self.rules)
 
     # ---- resolution ---------------------------------------------------------------
 
