@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import errno
 import fcntl
 import io
@@ -29,7 +30,7 @@ import soundfile as sf
 from conftest import ROOT, SUITE_JAX_CACHE, disk_full_for, listing, micro_overrides
 from usmqs import config as config_lib
 from usmqs import storage, study, study_report
-from usmqs.compress.policy import PAPER_SETTINGS
+from usmqs.compress.policy import PAPER_SETTINGS, Every, PruneGrad
 
 # configs/tiny.py:micro's model and data, as overrides of a study config.
 TINY = [
@@ -288,6 +289,31 @@ def test_mixed_rules_get_the_studys_n_m_recipe():
     planned = [(r.method, r.name) for r in study.plan(cfg)]  # after the named settings
     assert planned.index((PTQ, "mixed@3")) == len(PAPER_SETTINGS) + 1 and planned[-1] == (QAT, "mixed@3")
 
+
+
+def test_learned_scale_runs_every_compressed_setting_as_rules_with_trained_ranges(tmp_path):
+    """study.learned_scale: a named setting becomes its own rules (same layers, N:M
+    recipe) with learned ranges, compiled as constants; mixed rules get them on their
+    quantized rules only; the baseline and the float control stay as they were."""
+    from usmqs.compress.policy import Policy, policy_from_config
+
+    cfg = config_lib.load_config(f"{DEMO}:full")
+    config_lib.apply_overrides(cfg, ["study.learned_scale=True"])
+    qat = study.run_config(cfg, R(QAT, "int4+2:4"), tmp_path)
+    config_lib.validate(qat)
+    assert qat.policy.name == "int4+2:4" and not qat.policy.runtime
+    got = policy_from_config(qat.policy)
+    named = Policy.named("int4+2:4", mask_schedule=Every(every=cfg.policy.mask_every), prune_grad=PruneGrad.SRSTE)
+    assert [r.module_path for r in got.rules] == [r.module_path for r in named.rules]
+    for mine, theirs in zip(got.rules, named.rules):
+        assert mine.spec == dataclasses.replace(theirs.spec, learned_scale=True)
+    for run in (R(QAT, "float"), study.BASELINE):
+        plain = study.run_config(cfg, run, tmp_path)
+        assert not plain.policy.rules and plain.policy.name == "float"
+    alloc = types.SimpleNamespace(rules=[{"module_path": "a", "weight_bits": 2, "nm": [1, 4]},
+                                         {"module_path": "b", "nm": [2, 4]}, {"module_path": "c"}])
+    mixed = study.mixed_rules(cfg, alloc)
+    assert [r.get("learned_scale", False) for r in mixed] == [True, False, False]
 
 
 def test_the_study_allocates_with_its_sensitivity_method(monkeypatch, tmp_path):

@@ -259,6 +259,11 @@ def study_config() -> ml_collections.ConfigDict:
             # (data order, SpecAugment, dropout): the table shows their mean ± sd. Seed
             # k > 0 runs in qat_seed<k>/<NAME>.
             finetune_seeds=1,
+            # Learned quantization ranges (LSQ; `WeightSpec.learned_scale`) in every PTQ
+            # and QAT run: each setting runs as custom rules with its quantized rules'
+            # ranges trained (PTQ: the clip-searched ranges), compiled per setting (not
+            # runtime values). Results keep the setting names.
+            learned_scale=False,
             # Also decode every run from its packed export and check it gives the same WER.
             eval_export=False,
             # PTQ/QAT runs (and the float control) compile bits and N:M as runtime values
@@ -351,7 +356,9 @@ def _validate_study(config: ml_collections.ConfigDict) -> None:
     if len(mixed) != len(budgets):
         raise ConfigError(f"study.budgets has duplicates: {budgets!r}")
     # A study config compresses with named settings and budgets; a mixed@B run's config
-    # (the study's own, `study.run_config`) carries its allocation's rules.
-    if config.policy.rules and config.policy.name not in mixed:
+    # (the study's own, `study.run_config`) carries its allocation's rules, and with
+    # study.learned_scale a named setting's run its setting's rules.
+    own_rules = mixed | (set(settings) if s.get("learned_scale") else set())
+    if config.policy.rules and config.policy.name not in own_rules:
         raise ConfigError("the study compresses with named policies and study.budgets: leave policy.rules empty")
 

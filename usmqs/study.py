@@ -86,7 +86,10 @@ from usmqs import export as export_lib
 from usmqs import train as train_lib
 from usmqs.compress import allocate
 from usmqs.compress.allocate import MIXED_PREFIX, mixed_name
-from usmqs.compress.policy import NAMED_PRUNING_DEFAULTS
+from usmqs.compress import export_format
+from usmqs.compress.policy import (
+    NAMED_POLICIES, NAMED_PRUNING_DEFAULTS, Every, OneShot, Policy, PruneGrad, setting_rules,
+)
 
 DONE_FILE = "done.json"
 FAILED_FILE = "failed.json"
@@ -156,6 +159,8 @@ def _fmt(value) -> str:
 def run_overrides(config, run: StudyRun, workdir: pathlib.Path, rules: Sequence[dict] = ()) -> list[str]:
     """The ``--config.`` overrides that turn the study config into `run`'s config
     (`rules`: a mixed@B run's policy rules, `allocation`)."""
+    if not rules and config.study.learned_scale and run.method is not Method.FLOAT and run.name != "float":
+        rules = named_rules(config, run.name)
     o = [f"policy.name={run.name}", "eval.at_end=True"]
     if not config.data.cache_dir:
         o.append(f"data.cache_dir={workdir / 'data_cache'}")
@@ -190,16 +195,32 @@ def run_config(config, run: StudyRun, workdir, *, label: str = "", rules: Sequen
 
 def mixed_rules(config, alloc: allocate.Allocation) -> list[dict]:
     """`alloc`'s policy rules with the study's N:M recipe (``policy.mask_every``,
-    ``prune_grad``, ``srste_lambda``) on every N:M rule, as the named settings get it.
-    (Custom rules compile their settings as constants: mixed@B runs do not share the
-    named settings' runtime-valued programs.)"""
+    ``prune_grad``, ``srste_lambda``) on every N:M rule, as the named settings get it,
+    and with ``study.learned_scale`` on every quantized rule. (Custom rules compile
+    their settings as constants: mixed@B runs do not share the named settings'
+    runtime-valued programs.)"""
     p, extra = config.policy, {}
     if p.mask_every:
         extra["mask_schedule"] = {"kind": "every", "every": int(p.mask_every)}
     for key in ("prune_grad", "srste_lambda"):
         if p[key] != NAMED_PRUNING_DEFAULTS[key]:
             extra[key] = p[key]
-    return [{**r, **extra} if r.get("nm") else r for r in alloc.rules]
+    learned = {"learned_scale": True} if config.study.learned_scale else {}
+    return [
+        {**r, **(extra if r.get("nm") else {}), **(learned if r.get("weight_bits") else {})} for r in alloc.rules
+    ]
+
+
+def named_rules(config, name: str) -> list[dict]:
+    """The named setting `name` as custom rules with learned ranges (``study.learned_scale``),
+    with the study's N:M recipe (``policy.mask_every``, ``prune_grad``, ``srste_lambda``)."""
+    p = config.policy
+    bits, nm = NAMED_POLICIES[name]
+    rules = setting_rules(
+        bits, nm, mask_schedule=Every(every=int(p.mask_every)) if p.mask_every else OneShot(),
+        prune_grad=PruneGrad(p.prune_grad), srste_lambda=float(p.srste_lambda), learned_scale=True,
+    )
+    return export_format.policy_to_data(Policy(rules), skip_defaults=True)
 
 
 def allocation(config, workdir: pathlib.Path, name: str) -> allocate.Allocation:

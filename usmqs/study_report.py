@@ -292,6 +292,8 @@ def _header(records: Mapping[Run, dict], config, status: str) -> str:
         f"{s.finetune_steps} steps from the baseline with "
         + (", ".join(recipe) or "the float recipe")
         + "".join(f", policy.{k}={v}" for k, v in named_pruning(config).items())
+        + ("; every PTQ and QAT run with learned quantization ranges (study.learned_scale: LSQ, "
+           "PTQ at the clip-searched ranges)" if s.get("learned_scale") else "")
         + (
             f"; {s.finetune_seeds} fine-tuning seeds each (seed {config.seed} ... "
             f"{config.seed + s.finetune_seeds - 1}): QAT WER is their mean ± sample sd"
