@@ -204,9 +204,10 @@ def make_optimizer(config, policy: Policy | None = None) -> tuple[optax.Gradient
 
 
 def _not_ranges(params: nnx.State):
-    """True for every weight but the learned quantization ranges (the decay mask)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any(getattr(k, "key", None) == "quant_range" for k in path), params
+    """True for every weight but the learned quantization ranges (the decay mask: a
+    prefix of `params`, one bool per variable)."""
+    return jax.tree.map(
+        lambda v: not isinstance(v, QuantRange), params, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
 
 
