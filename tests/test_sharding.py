@@ -179,6 +179,16 @@ def check_shardings():
     _, batch_sh = train.make_train_step(setup, cfg)
     assert batch_sh["features"].spec == P(("data", "fsdp"), None, None)
     assert batch_sh["labels"].spec == P(("data", "fsdp"), None)
+    # Learned ranges ([layers], ends, *one per scale group): sharded like their kernel's
+    # output axes, replicated along the rest.
+    cfg.policy.name = "int2-lsq"
+    cfg.policy.rules = ({"module_path": ".*", "weight_bits": 2, "symmetric": False, "learned_scale": True},)
+    ranges = {k: v.spec for k, v in _named(run.build(cfg, VOCAB).state_shardings.params).items()
+              if k.endswith("/quant_range")}
+    assert ranges["blocks/ffn1/w_in/quant_range"] == P(None, None, None, "tensor")
+    assert ranges["blocks/ffn1/w_out/quant_range"] == P(None, None, None, "fsdp")
+    assert ranges["blocks/attn/q/quant_range"] == P(None, None, None, "tensor", None)
+    assert ranges["ctc_head/quant_range"] == P(None, None, "tensor")
 
 
 def check_sharded_training():
