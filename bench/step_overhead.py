@@ -4,8 +4,10 @@
 
 For each preset, builds the float step and one step per compressed policy on the same
 synthetic batch, then times them round-robin (float, int4+2:4, int2+1:4, float, ...) so
-that machine noise hits all alike. Prints JSON: per preset its model shape and parameter
-count, and per policy the median seconds per step and the ratio to float (target <= 1.10),
+that machine noise hits all alike (a policy "intB[+N:M]" that is not a named one is one
+whole-model rule; a "-lsq" suffix gives it learned ranges, `WeightSpec.learned_scale`).
+Prints JSON: per preset its model shape and parameter count, and per policy the median
+seconds per step and the ratio to float (target <= 1.10),
 in wall-clock time and in this process's CPU time (user + system, all threads): on a
 shared machine other jobs inflate wall time unevenly, CPU time much less.
 
@@ -49,9 +51,16 @@ def make_batch(cfg, batch_size: int, frames: int, vocab: int, seed: int = 0) -> 
 def build_step(preset: str, policy: str, batch: dict, vocab: int, overrides: list[str]):
     cfg = config_lib.base_config(preset)
     cfg.policy.name = policy
-    if policy not in NAMED_POLICIES:  # e.g. int2+1:4: "intB+N:M" as one whole-model rule
-        bits, nm = policy.removeprefix("int").split("+")
-        cfg.policy.rules = ({"module_path": ".*", "weight_bits": int(bits), "nm": nm},)
+    setting = policy.removesuffix("-lsq")
+    if setting != policy or setting not in NAMED_POLICIES:
+        # e.g. int2+1:4: "intB[+N:M]" as one whole-model rule; a "-lsq" suffix learns its ranges.
+        parts = setting.split("+")
+        rule = {"module_path": ".*", "weight_bits": int(parts[0].removeprefix("int"))}
+        if len(parts) > 1:
+            rule["nm"] = parts[1]
+        if setting != policy:
+            rule["learned_scale"] = True
+        cfg.policy.rules = (rule,)
     cfg.mesh.data = 1
     config_lib.apply_overrides(cfg, overrides)
     setup = run.build(cfg, vocab, mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor")))
@@ -64,7 +73,7 @@ def build_step(preset: str, policy: str, batch: dict, vocab: int, overrides: lis
     compile_s = time.perf_counter() - t0
     holder = {"state": state}
 
-    def run(n: int) -> tuple[float, float]:
+    def timed(n: int) -> tuple[float, float]:
         """(wall, CPU) seconds per step over n steps."""
         t, c = time.perf_counter(), time.process_time()
         s = holder["state"]
@@ -75,7 +84,7 @@ def build_step(preset: str, policy: str, batch: dict, vocab: int, overrides: lis
         return (time.perf_counter() - t) / n, (time.process_time() - c) / n
 
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    return run, compile_s, n_params
+    return timed, compile_s, n_params
 
 
 def main() -> None:
