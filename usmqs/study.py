@@ -84,12 +84,9 @@ from usmqs import config as config_lib
 from usmqs import distributed, preemption, sensitivity, storage, study_report
 from usmqs import export as export_lib
 from usmqs import train as train_lib
-from usmqs.compress import allocate
+from usmqs.compress import allocate, export_format
 from usmqs.compress.allocate import MIXED_PREFIX, mixed_name
-from usmqs.compress import export_format
-from usmqs.compress.policy import (
-    NAMED_POLICIES, NAMED_PRUNING_DEFAULTS, Every, OneShot, Policy, PruneGrad, setting_rules,
-)
+from usmqs.compress.policy import NAMED_PRUNING_DEFAULTS, Policy, Rule, policy_from_config
 
 DONE_FILE = "done.json"
 FAILED_FILE = "failed.json"
@@ -158,7 +155,8 @@ def _fmt(value) -> str:
 
 def run_overrides(config, run: StudyRun, workdir: pathlib.Path, rules: Sequence[dict] = ()) -> list[str]:
     """The ``--config.`` overrides that turn the study config into `run`'s config
-    (`rules`: a mixed@B run's policy rules, `allocation`)."""
+    (`rules`: a mixed@B run's policy rules, `allocation`; with ``study.learned_scale`` a
+    named setting's runs get theirs, `named_rules`)."""
     if not rules and config.study.learned_scale and run.method is not Method.FLOAT and run.name != "float":
         rules = named_rules(config, run.name)
     o = [f"policy.name={run.name}", "eval.at_end=True"]
@@ -212,13 +210,13 @@ def mixed_rules(config, alloc: allocate.Allocation) -> list[dict]:
 
 
 def named_rules(config, name: str) -> list[dict]:
-    """The named setting `name` as custom rules with learned ranges (``study.learned_scale``),
-    with the study's N:M recipe (``policy.mask_every``, ``prune_grad``, ``srste_lambda``)."""
-    p = config.policy
-    bits, nm = NAMED_POLICIES[name]
-    rules = setting_rules(
-        bits, nm, mask_schedule=Every(every=int(p.mask_every)) if p.mask_every else OneShot(),
-        prune_grad=PruneGrad(p.prune_grad), srste_lambda=float(p.srste_lambda), learned_scale=True,
+    """The named setting `name` with the study's N:M recipe (``policy.mask_every``,
+    ``prune_grad``, ``srste_lambda``) as custom rules, its quantized rules with learned
+    ranges (``study.learned_scale``)."""
+    named = policy_from_config({**config.policy.to_dict(), "name": name, "rules": (), "runtime": False})
+    rules = tuple(
+        Rule(r.module_path, dataclasses.replace(r.spec, learned_scale=r.spec.weight_bits is not None))
+        for r in named.rules
     )
     return export_format.policy_to_data(Policy(rules), skip_defaults=True)
 

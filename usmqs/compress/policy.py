@@ -323,21 +323,19 @@ def setting_rules(
     prune_grad: PruneGrad = WeightSpec.prune_grad,
     srste_lambda: float = WeightSpec.srste_lambda,
     symmetric: bool = True,
-    learned_scale: bool = False,
 ) -> tuple[Rule, ...]:
     """The rules of a whole-model setting (`Policy.named`'s, for any bits and N:M): every
     layer at `bits` with N:M `nm`, except `NM_EXEMPT`, which keeps `bits` dense; () for
-    float. The pruning options go to the N:M rule (see `Policy.named`); `symmetric` and
-    `learned_scale` (integer bits only) to both (`WeightSpec`)."""
+    float. The pruning options go to the N:M rule (see `Policy.named`); `symmetric` to
+    both (`WeightSpec.symmetric`)."""
     if bits is None and nm is None and not runtime:
         return ()
     pruning = {}
     if nm is not None or runtime:
         pruning = dict(mask_schedule=mask_schedule, prune_grad=prune_grad, srste_lambda=srste_lambda)
-    values = dict(weight_bits=bits, runtime=runtime, symmetric=symmetric, learned_scale=learned_scale and bits is not None)
-    rules = [Rule(".*", WeightSpec(nm=nm, **values, **pruning))]
+    rules = [Rule(".*", WeightSpec(weight_bits=bits, nm=nm, runtime=runtime, symmetric=symmetric, **pruning))]
     if nm is not None or runtime:  # runtime: the same two rules for every name
-        rules.insert(0, Rule(NM_EXEMPT, WeightSpec(**values)))
+        rules.insert(0, Rule(NM_EXEMPT, WeightSpec(weight_bits=bits, runtime=runtime, symmetric=symmetric)))
     return tuple(rules)
 
 
