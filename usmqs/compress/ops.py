@@ -150,11 +150,16 @@ def _split(x: jax.Array, channel: tuple[int, ...], tiled: dict[int, int]):
     return x.reshape(shape), tuple(reduce_axes)
 
 
+def _usable_scale(scale: jax.Array) -> jax.Array:
+    """`scale` with the scales of all-zero (or denormal) groups set to 1, as qwix does:
+    every value of such a group then rounds to code 0 instead of dividing by ~0."""
+    return jnp.where(scale < jnp.sqrt(jnp.finfo(scale.dtype).tiny), jnp.ones_like(scale), scale)
+
+
 def _asymmetric_scale_zero(xs: jax.Array, red, qmin: int, qmax: int) -> tuple[jax.Array, jax.Array]:
     """Asymmetric (minmax) scale and zero point per group of `xs` (module docstring)."""
     lo, hi = _calibrated_range(xs, red, symmetric=False)
-    scale = (hi - lo) / (qmax - qmin)
-    scale = jnp.where(scale < jnp.sqrt(jnp.finfo(xs.dtype).tiny), jnp.ones_like(scale), scale)
+    scale = _usable_scale((hi - lo) / (qmax - qmin))
     return scale, _plus_zero(jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax))
 
 
@@ -171,8 +176,7 @@ def _qdq(x: jax.Array, bits: int, symmetric: bool, channel, tiled) -> jax.Array:
     xs, red = _split(x, channel, tiled)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if symmetric:
-        scale = jnp.max(jnp.abs(xs), axis=red, keepdims=True) / (qmax + 0.5)
-        scale = jnp.where(scale < jnp.sqrt(jnp.finfo(x.dtype).tiny), jnp.ones_like(scale), scale)
+        scale = _usable_scale(jnp.max(jnp.abs(xs), axis=red, keepdims=True) / (qmax + 0.5))
         q = _plus_zero(jnp.clip(jnp.round(xs / scale), qmin, qmax))
         y = q * scale
     else:
@@ -274,19 +278,14 @@ def _learned_codes(x: jax.Array, log_range: jax.Array, bits: int, symmetric: boo
     equations with [lo, hi] the learned range instead of the calibrated one; rounding
     passes the gradient straight through (LSQ), clipping does not (a clipped weight's
     gradient goes to the range)."""
-    xs, _ = _split(x, channel, tiled)
-    view = []  # one entry per group, broadcasting against xs
-    for a, d in enumerate(x.shape):
-        view += [d] if a in channel else ([d // tiled[a], 1] if a in tiled else [1])
+    xs, red = _split(x, channel, tiled)
+    view = tuple(1 if i in red else d for i, d in enumerate(xs.shape))  # one entry per group
     ends = jnp.exp(log_range).reshape((log_range.shape[0], *view))
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    tiny = jnp.sqrt(jnp.finfo(x.dtype).tiny)
     if symmetric:
-        scale = ends[0] / (qmax + 0.5)
-        scale = jnp.where(scale < tiny, jnp.ones_like(scale), scale)
+        scale = _usable_scale(ends[0] / (qmax + 0.5))
         return _clip_codes(_round_ste(xs / scale), qmin, qmax), scale, None
-    scale = (ends[1] + ends[0]) / (qmax - qmin)
-    scale = jnp.where(scale < tiny, jnp.ones_like(scale), scale)
+    scale = _usable_scale((ends[1] + ends[0]) / (qmax - qmin))
     zp = _clip_codes(_round_ste(qmin + ends[0] / scale), qmin, qmax)
     return _clip_codes(_round_ste(xs / scale + zp), qmin, qmax), scale, zp
 
