@@ -153,6 +153,8 @@ def test_report_table():
     policy = Policy(rules=(
         Rule("ctc/.*"),
         Rule("blocks/.*", WeightSpec(weight_bits=4, nm=(2, 4))),
+        Rule("subsample/conv1", WeightSpec(weight_bits=2, symmetric=False, learned_scale=True)),
+        Rule("subsample/conv2", WeightSpec(weight_bits=4, clip_search=True, granularity=Granularity.SUB_CHANNEL, block_size=64)),
         Rule("subsample/.*", WeightSpec(weight_bits=8)),
     ))
     resolved = {p: (policy.resolve(p), 1000) for p in PATHS}
@@ -160,13 +162,15 @@ def test_report_table():
     table = policy.report(resolved)
     lines = table.splitlines()
     row = lambda i: next(line.split() for line in lines if line.split()[:2] == [str(i), policy.rules[i].module_path])
-    assert row(0)[2:] == ["float", "-", "1", "1,000", "32.00"]
-    assert row(1)[2:] == ["int4", "2:4", "6", "6,000", "3.00"]
-    assert row(2)[2:] == ["int8", "-", "3", "3,000", "8.00"]
+    assert row(0)[2:] == ["float", "-", "-", "-", "1", "1,000", "32.00"]
+    assert row(1)[2:] == ["int4", "2:4", "channel", "absmax", "6", "6,000", "3.00"]
+    assert row(2)[2:] == ["int2a", "-", "channel", "learned", "1", "1,000", "2.00"]
+    assert row(3)[2:] == ["int4", "-", "block64", "clip", "1", "1,000", "4.00"]
+    assert row(4)[2:] == ["int8", "-", "channel", "absmax", "1", "1,000", "8.00"]
     no_rule = next(line for line in lines if "(no rule)" in line).split()
     assert no_rule[-3:] == ["1", "10", "32.00"]
     total = next(line for line in lines if line.split()[0] == "total").split()
-    assert total[1:] == ["11", "10,010", f"{(1000 * 32 + 6000 * 3 + 3000 * 8 + 10 * 32) / 10010:.2f}"]
+    assert total[1:] == ["11", "10,010", f"{(1000 * 32 + 6000 * 3 + 1000 * (2 + 4 + 8) + 10 * 32) / 10010:.2f}"]
     assert lines[-1] == "float layers (2): ctc/head, extra/unmatched"
 
 

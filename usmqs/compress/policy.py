@@ -314,6 +314,24 @@ def setting_name(bits: int | None, nm: tuple[int, int] | None, symmetric: bool =
     return "+".join(parts) or "float"
 
 
+def _spec_columns(spec: WeightSpec) -> tuple[str, str, str, str]:
+    """Policy.report's description of a rule's setting: value grid ('int2a' when
+    asymmetric), N:M, scale groups ('channel', or 'block64' for sub-channel blocks of
+    64) and how each group's range is set ('absmax', 'minmax' when asymmetric, 'clip'
+    (clip search), 'learned'); '-' where the values stay float."""
+    nm = "-" if spec.nm is None else f"{spec.nm[0]}:{spec.nm[1]}"
+    if spec.weight_bits is None:
+        return "float", nm, "-", "-"
+    scales = "channel" if spec.granularity is Granularity.PER_CHANNEL else f"block{spec.block_size}"
+    if spec.learned_scale:
+        kind = "learned"
+    elif spec.clip_search:
+        kind = "clip"
+    else:
+        kind = "absmax" if spec.symmetric else "minmax"
+    return setting_name(spec.weight_bits, None, spec.symmetric), nm, scales, kind
+
+
 def setting_rules(
     bits: int | None,
     nm: tuple[int, int] | None,
@@ -444,7 +462,8 @@ class Policy:
     # ---- reporting ----------------------------------------------------------------
 
     def report(self, resolved: Mapping[str, tuple[WeightSpec | None, int]]) -> str:
-        """A text table: rule -> matched layers, parameters, payload bits per weight.
+        """A text table: rule -> its setting (`_spec_columns`), matched layers,
+        parameters, payload bits per weight.
 
         `resolved` maps layer path -> (spec, number of weight parameters), e.g. from
         `compress.layers.compressible_layers(model)`. Bits per weight count values plus N:M
@@ -463,26 +482,24 @@ class Policy:
             c[2] += bpw * int(num_params)
             if spec is None:
                 float_paths.append(path)
-        header = ("#", "module_path", "bits", "N:M", "layers", "params", "bits/weight")
+        header = ("#", "module_path", "bits", "N:M", "scales", "range", "layers", "params", "bits/weight")
         for i, rule in enumerate(self.rules):
             n_layers, n_params, bits = counts.get(i, (0, 0, 0.0))
             rows.append((
-                str(i), rule.module_path,
-                "float" if rule.spec.weight_bits is None else f"int{rule.spec.weight_bits}",
-                "-" if rule.spec.nm is None else f"{rule.spec.nm[0]}:{rule.spec.nm[1]}",
+                str(i), rule.module_path, *_spec_columns(rule.spec),
                 str(n_layers), f"{n_params:,}", f"{bits / n_params:.2f}" if n_params else "-",
             ))
         if None in counts:
             n_layers, n_params, bits = counts[None]
-            rows.append(("-", "(no rule)", "float", "-", str(n_layers), f"{n_params:,}", "32.00"))
+            rows.append(("-", "(no rule)", "float", "-", "-", "-", str(n_layers), f"{n_params:,}", "32.00"))
         total_params = sum(c[1] for c in counts.values())
         total_bits = sum(c[2] for c in counts.values())
         rows.append((
-            "", "total", "", "", str(sum(c[0] for c in counts.values())), f"{total_params:,}",
+            "", "total", "", "", "", "", str(sum(c[0] for c in counts.values())), f"{total_params:,}",
             f"{total_bits / total_params:.2f}" if total_params else "-",
         ))
         widths = [max(len(r[k]) for r in (header, *rows)) for k in range(len(header))]
-        fmt = lambda r: "  ".join(s.ljust(w) if k < 4 else s.rjust(w) for k, (s, w) in enumerate(zip(r, widths)))
+        fmt = lambda r: "  ".join(s.ljust(w) if k < 6 else s.rjust(w) for k, (s, w) in enumerate(zip(r, widths)))
         lines = [fmt(header), fmt(tuple("-" * w for w in widths))]
         lines += [fmt(r) for r in rows]
         lines.append(f"float layers ({len(float_paths)}): " + (", ".join(float_paths) if float_paths else "none"))
