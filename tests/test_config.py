@@ -57,6 +57,8 @@ def test_overrides_typecheck_and_unknown_keys_fail():
     ("train.distill_weight=0.5", "train.distill_weight"),  # needs init_from
     ("train.distill_weight=1.5", "train.distill_weight"),
     ("train.distill_temperature=0.0", "train.distill_temperature"),
+    ("train.distill_hidden_weight=0.5", "train.distill_hidden_weight"),  # needs init_from
+    ("train.distill_hidden_weight=-0.1", "train.distill_hidden_weight"),
     ("train.checkpoint_every=0", "train.checkpoint_every"),
     ("train.learning_rate=-1.0", "train.learning_rate"),
     ("eval.decoder=viterbi", "eval.decoder"),

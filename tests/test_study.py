@@ -223,6 +223,22 @@ def test_a_finished_run_with_another_config_is_an_error(demo_study):
         study.run_study(cfg, demo_study.wd)
 
 
+def test_a_key_added_since_a_run_finished_counts_as_its_default(demo_study, tmp_path):
+    # A record made before train.distill_hidden_weight existed: the run still counts as
+    # done while the key holds its default, and is another experiment once it does not.
+    run = study.StudyRun(study.Method.QAT, "int4+2:4")
+    record = _json(demo_study.wd / run.subdir / "done.json")
+    del record["config"]["train.distill_hidden_weight"]
+    run_dir = tmp_path / run.subdir
+    run_dir.mkdir(parents=True)
+    (run_dir / "done.json").write_text(json.dumps(record))
+    cfg = study.run_config(demo_study.cfg, run, demo_study.wd)
+    assert study.load_done(run_dir, cfg, demo_study.wd) == record
+    config_lib.apply_overrides(cfg, ["train.distill_hidden_weight=0.5"])
+    with pytest.raises(study.StudyError, match=r"another config \(train.distill_hidden_weight: None -> 0.5\)"):
+        study.load_done(run_dir, cfg, demo_study.wd)
+
+
 def test_an_interrupted_moved_study_resumes_from_its_checkpoint(demo_study, tmp_path):
     # A copy elsewhere: paths inside the study folder are relative to it in the records.
     wd = tmp_path / "moved"

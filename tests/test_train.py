@@ -363,10 +363,11 @@ def test_distillation_pulls_the_compressed_student_to_the_float_teacher(small_co
     cfg, float_dir, _ = float_run
     tok, batch = _first_batch(cfg, float_dir)
 
-    def first_losses(policy, steps):
+    def first_losses(policy, steps, kl=1.0, hidden=0.0):
         c = tiny_config(small_corpus, policy=policy, steps=steps)
         c.init_from = str(float_dir)
-        c.train.distill_weight = 1.0
+        c.train.distill_weight = kl
+        c.train.distill_hidden_weight = hidden
         c.train.learning_rate = 3e-3
         c.train.warmup_steps = 1
         setup = run.build(c, tok.vocab_size)
@@ -388,6 +389,27 @@ def test_distillation_pulls_the_compressed_student_to_the_float_teacher(small_co
     comp = first_losses("int4+2:4", 8)
     assert comp[0]["distill_loss"] > 1e-3
     assert comp[-1]["distill_loss"] < 0.7 * comp[0]["distill_loss"], [m["distill_loss"] for m in comp]
+    # Hidden-state distillation alone (no KL): zero for the float student, whose loss is
+    # then its CTC loss; positive for int2+2:4 and shrunk by its steps.
+    same = first_losses("float", 1, kl=0.0, hidden=1.0)[0]
+    assert same["hidden_loss"] == pytest.approx(0.0, abs=1e-6) and same["loss"] == pytest.approx(same["ctc_loss"])
+    comp = first_losses("int2+2:4", 8, kl=0.0, hidden=1.0)
+    assert comp[0]["loss"] == pytest.approx(comp[0]["ctc_loss"] + comp[0]["hidden_loss"], rel=1e-5)
+    assert comp[0]["hidden_loss"] > 1e-2
+    assert comp[-1]["hidden_loss"] < 0.7 * comp[0]["hidden_loss"], [m["hidden_loss"] for m in comp]
+
+
+def test_hidden_distill_loss_is_the_relative_squared_distance_of_the_block_outputs():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(2, 2, 5, 3)).astype(np.float32), rng.normal(size=(2, 2, 5, 3)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    expected = ((s - t) ** 2)[:, mask].sum() / (t**2)[:, mask].sum()
+    assert float(train.hidden_distill_loss(s, t, mask)) == pytest.approx(expected, rel=1e-5)
+    assert float(train.hidden_distill_loss(t, t, mask)) == 0.0
+    assert float(train.hidden_distill_loss(np.zeros_like(t), t, mask)) == pytest.approx(1.0)
+    s2 = s.copy()
+    s2[:, 0, 3:] = 100.0  # padded frames do not count
+    assert float(train.hidden_distill_loss(s2, t, mask)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_learned_ranges_start_calibrated_learn_and_get_no_weight_decay(small_corpus, float_run):

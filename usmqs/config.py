@@ -197,6 +197,10 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
             # posteriors): loss = (1 - w)·CTC + w·T²·KL. 0 = off.
             distill_weight=0.0,
             distill_temperature=1.0,
+            # Hidden-state distillation from the same float run: + w_h · the squared
+            # distance between every block's output and the teacher's, over the teacher's
+            # squared norm (valid frames; train.hidden_distill_loss). 0 = off.
+            distill_hidden_weight=0.0,
             log_every=20,
             checkpoint_every=200,
             keep_checkpoints=2,
@@ -249,6 +253,7 @@ def study_config() -> ml_collections.ConfigDict:
                     grad_clip=None,
                     distill_weight=None,  # > 0: distil from the baseline (train.py)
                     distill_temperature=None,
+                    distill_hidden_weight=None,
                     log_every=None,
                     checkpoint_every=None,
                 )
@@ -313,6 +318,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(not t.distill_weight or bool(config.init_from), "train.distill_weight",
            "> 0 needs init_from: the float run to distil from")
     _check(t.distill_temperature > 0, "train.distill_temperature", f"must be > 0, got {t.distill_temperature!r}")
+    _check(t.distill_hidden_weight >= 0, "train.distill_hidden_weight",
+           f"must be >= 0, got {t.distill_hidden_weight!r}")
+    _check(not t.distill_hidden_weight or bool(config.init_from), "train.distill_hidden_weight",
+           "> 0 needs init_from: the float run to distil from")
     _check(config.eval.decoder in ("greedy", "beam"), "eval.decoder",
            f"must be 'greedy' or 'beam', got {config.eval.decoder!r}")
     _positive_int(config.eval.beam_size, "eval.beam_size")

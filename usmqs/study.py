@@ -358,11 +358,18 @@ class CompileTimer:
 # ----------------------------------------------------------------------------- runs
 
 
+def _new_key_defaults() -> dict:
+    """`run_identity` of the default config, outside the preset-dependent model block."""
+    return {k: v for k, v in run_identity(config_lib.base_config("tiny")).items() if not k.startswith("model.")}
+
+
 def load_done(run_dir: pathlib.Path, cfg=None, workdir=None) -> dict | None:
     """The run's done.json record, None if it has not finished.
 
     With `cfg`, a record made with another config raises StudyError naming the keys that
     differ (`run_identity`): the finished run would silently stand for another experiment.
+    A key the record lacks counts as the same when `cfg` holds its default (a key added
+    to the config since that run finished, left at its old behaviour).
     """
     path = pathlib.Path(run_dir) / DONE_FILE
     if not path.is_file():
@@ -370,7 +377,9 @@ def load_done(run_dir: pathlib.Path, cfg=None, workdir=None) -> dict | None:
     record = json.loads(path.read_text())
     if cfg is not None:
         now, then = run_identity(cfg, workdir), record["config"]
-        diff = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+        defaults = _new_key_defaults()
+        same = lambda k: now.get(k) == then.get(k) or (k not in then and k in defaults and now[k] == defaults[k])
+        diff = sorted(k for k in now.keys() | then.keys() if not same(k))
         if diff:
             shown = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
             raise StudyError(

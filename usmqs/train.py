@@ -67,9 +67,20 @@ def distill_loss(logits, teacher_logits, out_mask, temperature: float):
     return temperature**2 * jnp.sum(kl * m) / jnp.maximum(m.sum(), 1.0)
 
 
+def hidden_distill_loss(hidden, teacher_hidden, out_mask):
+    """Squared distance between the student's block outputs and the teacher's, over the
+    teacher's squared norm, both summed over every block and valid frame (out_mask 1):
+    0 when they match, 1 when the student's are all zero; scale-free, so one weight
+    suits any model width. hidden, teacher_hidden [num_layers, B, T', D]."""
+    m = out_mask.astype(jnp.float32)[None, :, :, None]
+    s, t = hidden.astype(jnp.float32), teacher_hidden.astype(jnp.float32)
+    return jnp.sum(jnp.square(s - t) * m) / jnp.maximum(jnp.sum(jnp.square(t) * m), 1e-12)
+
+
 def distills(config) -> bool:
-    """Whether the run distils from its init_from float run (`train.distill_weight` > 0)."""
-    return config.train.distill_weight > 0
+    """Whether the run distils from its init_from float run (`train.distill_weight` or
+    `train.distill_hidden_weight` > 0)."""
+    return config.train.distill_weight > 0 or config.train.distill_hidden_weight > 0
 
 
 def make_train_step(setup: run.Setup, config):
@@ -82,16 +93,22 @@ def make_train_step(setup: run.Setup, config):
     distill = distills(config)
     alpha = float(config.train.distill_weight)
     temperature = float(config.train.distill_temperature)
+    beta = float(config.train.distill_hidden_weight)
     t_graphdef = run.teacher_graphdef(config, setup.vocab_size) if distill else None
 
-    def loss_fn(params, rest, batch, rng, teacher_logits):
+    def loss_fn(params, rest, batch, rng, teacher_out):
         model = nnx.merge(graphdef, params, rest)
-        logits, out_mask = model(batch["features"], batch["feature_mask"], rng=rng)
+        logits, out_mask, *hidden = model(batch["features"], batch["feature_mask"], rng=rng, return_hidden=beta > 0)
         loss, _ = ctc_loss(logits, out_mask, batch["labels"], batch["label_mask"])
-        if teacher_logits is None:
+        if teacher_out is None:
             return loss, {}
+        teacher_logits, *teacher_hidden = teacher_out
         kl = distill_loss(logits, teacher_logits, out_mask, temperature)
-        return (1.0 - alpha) * loss + alpha * kl, {"ctc_loss": loss, "distill_loss": kl}
+        total, parts = (1.0 - alpha) * loss + alpha * kl, {"ctc_loss": loss, "distill_loss": kl}
+        if beta > 0:
+            parts["hidden_loss"] = hidden_distill_loss(hidden[0], teacher_hidden[0], out_mask)
+            total = total + beta * parts["hidden_loss"]
+        return total, parts
 
     def train_step(state: run.TrainState, batch, teacher_params=None):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -99,17 +116,16 @@ def make_train_step(setup: run.Setup, config):
             augment_rng = jax.random.fold_in(jax.random.fold_in(state.rng, run.AUGMENT_STREAM), state.step)
             features, feature_mask = run.model_inputs(config, batch, augment_rng)
             batch = {**batch, "features": features, "feature_mask": feature_mask}
-        teacher_logits = None
+        teacher_out = None
         if teacher_params is not None:
             teacher = nnx.merge(t_graphdef, teacher_params, nnx.State({}))
-            teacher_logits = jax.lax.stop_gradient(
-                teacher(batch["features"], batch["feature_mask"], rng=None)[0]
-            )
+            logits, _, *hidden = teacher(batch["features"], batch["feature_mask"], rng=None, return_hidden=beta > 0)
+            teacher_out = jax.lax.stop_gradient((logits, *hidden))
         model = nnx.merge(graphdef, state.params, state.rest)
         masks_lib.update_masks(model, state.step)
         _, _, rest = nnx.split(model, nnx.Param, ...)
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, rest, batch, rng, teacher_logits
+            state.params, rest, batch, rng, teacher_out
         )
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -177,7 +193,7 @@ class MetricsLog:
     cut short by it) are dropped and TensorBoard is told to purge its events after
     `start`, so each step is logged once."""
 
-    SCALARS = ("loss", "grad_norm", "lr", "ctc_loss", "distill_loss", "skipped")
+    SCALARS = ("loss", "grad_norm", "lr", "ctc_loss", "distill_loss", "hidden_loss", "skipped")
 
     def __init__(self, workdir: pathlib.Path, progress: Progress, primary: bool):
         self.progress = progress

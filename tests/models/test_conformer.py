@@ -118,6 +118,19 @@ def test_output_shapes_and_lengths(micro):
     assert np.isfinite(np.asarray(logits)).all()
 
 
+def test_hidden_outputs_are_the_blocks_outputs_that_the_head_reads(micro):
+    model = micro[0]
+    x, mask = _batch([_features(np.random.RandomState(2), n) for n in (64, 40)], 64)
+    logits, out_mask = model(x, mask)
+    logits_h, out_mask_h, hidden = model(x, mask, return_hidden=True)
+    assert hidden.shape == (model.cfg.num_layers, 2, subsampled_length(64), model.cfg.model_dim)
+    np.testing.assert_array_equal(logits_h, logits)
+    np.testing.assert_array_equal(out_mask_h, out_mask)
+    # The last block's output is what the final norm and the CTC head read.
+    np.testing.assert_allclose(model.ctc_head(model.final_norm(hidden[-1])), logits, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(hidden[0], hidden[-1])
+
+
 # -------------------------------------------------------------- padding / batching
 
 

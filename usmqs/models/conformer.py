@@ -543,7 +543,8 @@ class ConformerCTC(nnx.Module):
       features [B, T, F] float, feature_mask [B, T] bool (prefix mask of valid frames)
       logits [B, T', V] float32 (class 0 is the CTC blank), out_mask [B, T'] bool,
       T' = subsampled_length(T) = ceil(T / 4). Padded output frames hold finite,
-      meaningless values.
+      meaningless values. With ``return_hidden=True`` also every block's output,
+      hidden [num_layers, B, T', D] (the scan's per-layer outputs; hidden distillation).
 
     The `num_layers` blocks are created once with `nnx.vmap` (every variable stacked on a
     leading 'layers' axis) and applied with one `jax.lax.scan` over their split state, so
@@ -570,8 +571,9 @@ class ConformerCTC(nnx.Module):
         )
 
     def __call__(
-        self, features: jax.Array, feature_mask: jax.Array, *, rng: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array]:
+        self, features: jax.Array, feature_mask: jax.Array, *, rng: jax.Array | None = None,
+        return_hidden: bool = False,
+    ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array]:
         cfg = self.cfg
         feature_mask = feature_mask.astype(jnp.bool_)
         x = features.astype(cfg.compute_dtype)
@@ -608,14 +610,17 @@ class ConformerCTC(nnx.Module):
             layer_state = nnx.spmd.remove_axis(layer_state, 0, {nnx.PARTITION_NAME: "layers"})
             block = nnx.merge(graphdef, layer_state)
             key = None if blocks_key is None else jax.random.fold_in(blocks_key, index)
-            return block(x, mask, pos_emb, key), None
+            y = block(x, mask, pos_emb, key)
+            return y, (y if return_hidden else None)
 
         if cfg.remat:
             # Keep only the carry between layers; recompute each block in the backward pass.
             body = jax.checkpoint(body, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+        x, hidden = jax.lax.scan(body, x, (stacked, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
 
         x = self.final_norm(x)
         logits = self.ctc_head(x).astype(jnp.float32)
         logits = with_logical_constraint(logits, ("batch", "time", "vocab"))
+        if return_hidden:
+            return logits, mask, with_logical_constraint(hidden, (None, "batch", "time", "embed"))
         return logits, mask
