@@ -71,6 +71,7 @@ import contextlib
 import copy
 import dataclasses
 import enum
+import functools
 import json
 import os
 import pathlib
@@ -358,6 +359,7 @@ class CompileTimer:
 # ----------------------------------------------------------------------------- runs
 
 
+@functools.cache
 def _new_key_defaults() -> dict:
     """`run_identity` of the default config, outside the preset-dependent model block."""
     return {k: v for k, v in run_identity(config_lib.base_config("tiny")).items() if not k.startswith("model.")}

@@ -103,8 +103,10 @@ def make_train_step(setup: run.Setup, config):
         if teacher_out is None:
             return loss, {}
         teacher_logits, *teacher_hidden = teacher_out
-        kl = distill_loss(logits, teacher_logits, out_mask, temperature)
-        total, parts = (1.0 - alpha) * loss + alpha * kl, {"ctc_loss": loss, "distill_loss": kl}
+        total, parts = (1.0 - alpha) * loss, {"ctc_loss": loss}
+        if alpha > 0:
+            parts["distill_loss"] = distill_loss(logits, teacher_logits, out_mask, temperature)
+            total = total + alpha * parts["distill_loss"]
         if beta > 0:
             parts["hidden_loss"] = hidden_distill_loss(hidden[0], teacher_hidden[0], out_mask)
             total = total + beta * parts["hidden_loss"]
